@@ -1,0 +1,133 @@
+"""PaDiM model configuration."""
+
+import torch
+import timm
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+
+def backbone_stage_channels(backbone: str) -> list[int]:
+    """Channel count of every feature stage timm exposes for `backbone` (built on the meta device: no weights)."""
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(backbone, pretrained=False, features_only=True)
+    except RuntimeError as error:  # timm raises RuntimeError("Unknown model ...")
+        raise ValueError(f"unknown timm backbone {backbone!r}: {error}") from error
+    return list(model.feature_info.channels())
+
+
+def backbone_normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std timm's pretrained config uses for `backbone` (ImageNet's when timm has none)."""
+    cfg = timm.get_pretrained_cfg(backbone)
+    if cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def draw_feature_indices(n_embedding: int, n_features: int, seed: int) -> list[int]:
+    """A sorted random subset of embedding channels, drawn from a private generator so the global RNG is untouched."""
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_embedding, generator=generator)[:n_features].tolist())
+
+
+@strict
+class PadimConfig(PreTrainedConfig):
+    r"""
+    Configuration of a PaDiM anomaly detector (Defard et al. 2020, arXiv 2011.08785).
+
+    Args:
+        backbone (`str`): timm model name of the pretrained CNN, e.g. `"resnet18"`, `"wide_resnet50_2"`.
+        layers (`list[int]`): timm `features_only` stage indices whose maps form the embedding (ResNet: 1, 2, 3).
+        n_features (`int`): number of embedding channels kept (the paper's "Rd").
+        feature_indices (`list[int]`, *optional*): the kept channels of the concatenated embedding. Drawn from
+            `seed` with a private generator when not given; stored sorted (the Gaussian does not depend on order).
+        seed (`int`): seed of that draw.
+        image_size (`int`): images are resized to `image_size` x `image_size`.
+        crop_size (`int`, *optional*): centre crop after the resize (paper protocol: 256 -> 224); `None` keeps the
+            whole image, which keeps defects near the border visible.
+        image_mean, image_std (`list[float]`, *optional*): normalisation; default: the backbone's timm config.
+        epsilon (`float`): regulariser added to every covariance diagonal.
+        blur_sigma (`float`): sigma of the Gaussian blur applied to the upsampled anomaly map (0 disables it).
+        covariance_storage (`str`): `"float32"` or `"float16"`: the dtype of the stored whitening factor on disk.
+            Compute always happens in float32; float16 halves checkpoint size (see BENCHMARKS.md).
+        image_threshold, pixel_threshold (`float`, *optional*): F1-optimal thresholds on raw scores, set by evaluation.
+        score_min, score_max (`float`, *optional*): raw-score range used to normalise scores to [0, 1], set by
+            evaluation (the threshold maps to 0.5).
+        num_train_images (`int`): images the Gaussian was fitted on (0: not fitted).
+        train_dataset (`str`, *optional*): where the training images came from.
+        metrics (`dict`, *optional*): evaluation results, e.g. `{"image_auroc": 0.98}`.
+    """
+
+    model_type = "padim"
+
+    backbone: str = "resnet18"
+    layers: list[int] | tuple[int, ...] = (1, 2, 3)
+    n_features: int = 100
+    feature_indices: list[int] | tuple[int, ...] | None = None
+    seed: int = 0
+    image_size: int = 256
+    crop_size: int | None = None
+    image_mean: list[float] | tuple[float, ...] | None = None
+    image_std: list[float] | tuple[float, ...] | None = None
+    epsilon: float = 0.01
+    blur_sigma: float = 4.0
+    covariance_storage: str = "float32"
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    score_min: float | None = None
+    score_max: float | None = None
+    num_train_images: int = 0
+    train_dataset: str | None = None
+    metrics: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        self.layers = sorted(self.layers)
+        stage_channels = backbone_stage_channels(self.backbone)
+        unknown = [layer for layer in self.layers if not 0 <= layer < len(stage_channels)]
+        if unknown or not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(
+                f"layers {self.layers} invalid for {self.backbone!r}: it has feature stages 0..{len(stage_channels) - 1}"
+            )
+        n_embedding = sum(stage_channels[layer] for layer in self.layers)
+        if not 0 < self.n_features <= n_embedding:
+            raise ValueError(
+                f"n_features={self.n_features} must be in 1..{n_embedding} (the embedding size of {self.backbone!r} "
+                f"stages {self.layers})"
+            )
+        if self.feature_indices is None:
+            self.feature_indices = draw_feature_indices(n_embedding, self.n_features, self.seed)
+        indices = sorted(int(index) for index in self.feature_indices)
+        if len(indices) != self.n_features:
+            raise ValueError(f"feature_indices has {len(indices)} entries but n_features={self.n_features}")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"feature_indices contains repeated channels: {indices}")
+        if indices[0] < 0 or indices[-1] >= n_embedding:
+            raise ValueError(f"feature_indices must lie in 0..{n_embedding - 1}, got {indices[0]}..{indices[-1]}")
+        self.feature_indices = indices
+        if self.image_mean is None or self.image_std is None:
+            mean, std = backbone_normalisation(self.backbone)
+            self.image_mean = list(self.image_mean or mean)
+            self.image_std = list(self.image_std or std)
+        if self.crop_size is not None and not 0 < self.crop_size <= self.image_size:
+            raise ValueError(f"crop_size={self.crop_size} must be in 1..image_size={self.image_size}")
+        if self.epsilon <= 0:
+            raise ValueError(f"epsilon must be positive, got {self.epsilon}")
+        if self.blur_sigma < 0:
+            raise ValueError(f"blur_sigma must be >= 0, got {self.blur_sigma}")
+        if self.covariance_storage not in ("float32", "float16"):
+            raise ValueError(f"covariance_storage must be 'float32' or 'float16', got {self.covariance_storage!r}")
+        super().__post_init__(**kwargs)
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square `pixel_values` the model sees."""
+        return self.crop_size or self.image_size
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Channels of the used backbone stages, in `layers` order."""
+        channels = backbone_stage_channels(self.backbone)
+        return [channels[layer] for layer in self.layers]
+
+
+__all__ = ["PadimConfig"]

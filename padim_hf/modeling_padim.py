@@ -1,0 +1,254 @@
+"""PaDiM: patch distribution modelling with a pretrained timm backbone (Defard et al. 2020)."""
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.transforms.v2.functional import gaussian_blur
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_padim import PadimConfig
+from .gaussian import PatchStatistics, mahalanobis_distances, pack_lower, unpack_lower, whitening_factors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PadimOutput(ModelOutput):
+    """
+    Args:
+        anomaly_map (`torch.FloatTensor` of shape `(batch_size, 1, height, width)`):
+            Mahalanobis distance of each pixel's patch, upsampled to the input size and blurred with `blur_sigma`.
+        pred_score (`torch.FloatTensor` of shape `(batch_size,)`):
+            Image anomaly score: the maximum of `anomaly_map`.
+        pred_label (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+            `pred_score >= config.image_threshold`, when evaluation has calibrated a threshold.
+    """
+
+    anomaly_map: torch.FloatTensor | None = None
+    pred_score: torch.FloatTensor | None = None
+    pred_label: torch.BoolTensor | None = None
+
+
+def create_backbone(config: PadimConfig, weights_file: str | None = None, pretrained: bool = False) -> nn.Module:
+    """A timm `features_only` backbone returning `config.layers`, with no module after the last used stage.
+
+    `pretrained` loads timm's weights: from `weights_file` (a local timm-format safetensors file) when given,
+    else from the Hub.
+    """
+    overlay = dict(file=str(weights_file)) if weights_file is not None else None
+    backbone = timm.create_model(
+        config.backbone,
+        pretrained=pretrained,
+        pretrained_cfg_overlay=overlay,
+        features_only=True,
+        out_indices=tuple(config.layers),
+    )
+    last_module = backbone.feature_info.module_name()[-1]
+    # timm truncates FeatureListNet itself; EfficientNet-style extractors keep every block, so drop the unused ones.
+    if last_module.startswith("blocks.") and hasattr(backbone, "blocks"):
+        backbone.blocks = backbone.blocks[: int(last_module.split(".")[1]) + 1]
+    return backbone.eval().requires_grad_(False)
+
+
+class PadimGaussian(nn.Module):
+    """Per-position Gaussians: `mean` (P, C) and the packed lower-triangular whitening factor W (P, C(C+1)/2).
+
+    The packed factor is what the checkpoint stores (half the size of a full matrix, in
+    `config.covariance_storage` dtype); the unpacked float32 factor used for scoring is cached per device.
+    """
+
+    def __init__(self, num_positions: int, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+        self.register_buffer("mean", torch.zeros(num_positions, num_features))
+        self.register_buffer("whitening_packed", torch.zeros(num_positions, num_features * (num_features + 1) // 2))
+        self._whitening_cache: tuple[tuple, Tensor] | None = None
+
+    def set_(self, mean: Tensor, whitening: Tensor) -> None:
+        self.mean = mean.float().to(self.mean.device)
+        self.whitening_packed = pack_lower(whitening).to(self.whitening_packed.device)
+        self._whitening_cache = None
+
+    def whitening(self) -> Tensor:
+        """(P, C, C) float32 whitening factors, unpacked once per buffer version and device."""
+        packed = self.whitening_packed
+        key = (packed.data_ptr(), packed.device, packed._version, packed.dtype)
+        if self._whitening_cache is None or self._whitening_cache[0] != key:
+            self._whitening_cache = (key, unpack_lower(packed, self.num_features))
+        return self._whitening_cache[1]
+
+    def distances(self, embedding: Tensor) -> Tensor:
+        """(B, h, w) Mahalanobis distances of an embedding (B, C, h, w)."""
+        batch, channels, height, width = embedding.shape
+        patches = embedding.float().flatten(2).permute(2, 0, 1)  # (P, B, C)
+        distances = mahalanobis_distances(patches, self.mean.float(), self.whitening())
+        return distances.transpose(0, 1).reshape(batch, height, width)
+
+
+class PadimPreTrainedModel(PreTrainedModel):
+    config_class = PadimConfig
+    base_model_prefix = "padim"
+    main_input_name = "pixel_values"
+    # The Gaussian must never be cast to half precision by `dtype=`: distances of nearby points would cancel.
+    _keep_in_fp32_modules_strict = ["gaussian"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # timm initialises the backbone and checkpoints carry every weight: transformers' re-initialisation in
+        # post_init() would otherwise wipe pretrained backbone weights loaded in __init__.
+        pass
+
+
+class PadimModel(PadimPreTrainedModel):
+    def __init__(self, config: PadimConfig):
+        super().__init__(config)
+        self.backbone = create_backbone(config)
+        reduction = self.backbone.feature_info.reduction()[0]
+        self.grid_size = math.ceil(config.input_size / reduction)
+        self.gaussian = PadimGaussian(self.grid_size**2, config.n_features)
+        self.register_buffer("feature_indices", torch.tensor(config.feature_indices), persistent=False)
+        # Where the backbone weights came from: None means timm's random initialisation.
+        self.backbone_weights: str | None = None
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Non-persistent buffers come back uninitialised from meta-device loading; refill them from the config.
+        if module is self:
+            self.feature_indices = torch.tensor(self.config.feature_indices, device=self.feature_indices.device)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> "PadimModel":
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        if problems:
+            raise ValueError(f"checkpoint does not match its config ({model.config.backbone}): {problems}")
+        model._init_weights(model)
+        model.backbone_weights = "checkpoint"
+        return (model, info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """Saves config, weights and Gaussian (safetensors), and the matching image processor."""
+        from .image_processing_padim import PadimImageProcessor
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        PadimImageProcessor.from_padim_config(self.config).save_pretrained(save_directory)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        key = f"{prefix}gaussian.whitening_packed"
+        if key in state:  # on disk the factor takes the configured storage dtype; compute stays float32
+            state[key] = state[key].to(getattr(torch, self.config.covariance_storage))
+        return state
+
+    def load_backbone_weights(self, source: str | Path | None = None) -> "PadimModel":
+        """Loads ImageNet backbone weights: timm's from the Hub (`source=None`) or a local timm-format
+        `.safetensors` file (air-gapped machines; see `padim_hf.weights`)."""
+        if source is not None:
+            source = Path(source)
+            if not source.is_file():
+                raise FileNotFoundError(f"backbone weights file not found: {source}")
+            if source.suffix != ".safetensors":
+                raise ValueError(f"backbone weights must be a .safetensors file (no pickle is loaded), got {source}")
+        pretrained = create_backbone(self.config, weights_file=source, pretrained=True)
+        device = next(self.backbone.parameters()).device
+        self.backbone.load_state_dict(pretrained.state_dict())
+        self.backbone.to(device)
+        self.backbone_weights = str(source) if source is not None else f"timm:{self.config.backbone}"
+        return self
+
+    def embed(self, pixel_values: Tensor) -> Tensor:
+        """(B, C, h, w) float32 embedding: the selected channels of all layers on the first layer's grid."""
+        self._check_pixel_values(pixel_values)
+        dtype = next(self.backbone.parameters()).dtype
+        features = self.backbone(pixel_values.to(dtype))
+        grid = features[0].shape[-2:]
+        offsets = [0]
+        for feature in features:
+            offsets.append(offsets[-1] + feature.shape[1])
+        selected = []
+        # Select channels before upsampling so unused channels are never upsampled.
+        for feature, start, stop in zip(features, offsets, offsets[1:]):
+            in_layer = self.feature_indices[(self.feature_indices >= start) & (self.feature_indices < stop)] - start
+            selected.append(F.interpolate(feature[:, in_layer].float(), size=grid, mode="nearest"))
+        return torch.cat(selected, dim=1)
+
+    @torch.no_grad()
+    def collect_statistics(
+        self,
+        batches: Iterable[Tensor | Mapping[str, Tensor]],
+        statistics: PatchStatistics | None = None,
+        allow_random_backbone: bool = False,
+    ) -> PatchStatistics | None:
+        """Accumulates the patch statistics of every batch; memory does not grow with the number of images.
+
+        Returns None when `batches` is empty (a process of a distributed fit may receive nothing).
+        """
+        if self.backbone_weights is None:
+            if not allow_random_backbone:
+                raise RuntimeError(
+                    "refusing to fit on a randomly initialised backbone: call load_backbone_weights() first, "
+                    "or pass allow_random_backbone=True to do it on purpose"
+                )
+            logger.warning("fitting PaDiM on a randomly initialised %s backbone", self.config.backbone)
+        self.eval()
+        device = self.gaussian.mean.device
+        for batch in batches:
+            pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
+            patches = self.embed(pixel_values.to(device)).flatten(2).permute(2, 0, 1)
+            if statistics is None:
+                statistics = PatchStatistics.from_first_batch(patches)
+            statistics.update(patches)
+        return statistics
+
+    @torch.no_grad()
+    def set_gaussian(self, statistics: PatchStatistics | None) -> "PadimModel":
+        """Finalises the Gaussians from accumulated statistics (all positions factorised in batches)."""
+        if statistics is None or statistics.count == 0:
+            raise ValueError("no training images were accumulated: the training set is empty")
+        self.gaussian.set_(statistics.mean(), whitening_factors(statistics, self.config.epsilon))
+        self.config.num_train_images = statistics.count
+        return self
+
+    def fit(self, batches: Iterable[Tensor | Mapping[str, Tensor]], allow_random_backbone: bool = False) -> "PadimModel":
+        """Fits the per-position Gaussians on defect-free images, streamed as batches of `pixel_values`."""
+        statistics = self.collect_statistics(batches, allow_random_backbone=allow_random_backbone)
+        return self.set_gaussian(statistics)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: Tensor, return_dict: bool | None = None, **kwargs) -> PadimOutput | tuple:
+        if self.config.num_train_images == 0:
+            raise RuntimeError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
+        embedding = self.embed(pixel_values)
+        distances = self.gaussian.distances(embedding).unsqueeze(1)
+        anomaly_map = F.interpolate(distances, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+        if self.config.blur_sigma > 0:
+            kernel = 2 * int(4.0 * self.config.blur_sigma + 0.5) + 1
+            anomaly_map = gaussian_blur(anomaly_map, [kernel, kernel], [self.config.blur_sigma] * 2)
+        pred_score = anomaly_map.amax(dim=(1, 2, 3))
+        pred_label = None if self.config.image_threshold is None else pred_score >= self.config.image_threshold
+        output = PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
+        return output if return_dict is not False else output.to_tuple()
+
+    def _check_pixel_values(self, pixel_values: Tensor) -> None:
+        size = self.config.input_size
+        if not isinstance(pixel_values, Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape (batch, 3, {size}, {size}) for this model, got {tuple(pixel_values.shape)}"
+                " (use the model's image processor)"
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or infinite values")
+
+
+__all__ = ["PadimModel", "PadimPreTrainedModel", "PadimOutput"]
