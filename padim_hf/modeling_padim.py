@@ -125,11 +125,23 @@ class PadimModel(PadimPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> "PadimModel":
+        """transformers' loader, made strict: a checkpoint whose tensors do not match its config is an error.
+
+        (transformers would re-initialise missing or mismatched tensors, i.e. silently randomise a backbone.)
+        """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs["ignore_mismatched_sizes"] = True  # report mismatches ourselves, with names and shapes
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        problems = []
+        if info.get("missing_keys"):
+            problems.append(f"missing tensors {sorted(info['missing_keys'])}")
+        for key, *shapes in info.get("mismatched_keys") or []:
+            problems.append(f"{key} has shape {tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} from the config")
         if problems:
-            raise ValueError(f"checkpoint does not match its config ({model.config.backbone}): {problems}")
+            raise ValueError(
+                f"checkpoint does not match its config (backbone {model.config.backbone}, "
+                f"n_features {model.config.n_features}, input size {model.config.input_size}): " + "; ".join(problems)
+            )
         model._init_weights(model)
         model.backbone_weights = "checkpoint"
         return (model, info) if output_loading_info else model
