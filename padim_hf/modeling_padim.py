@@ -216,9 +216,11 @@ class PadimModel(PadimPreTrainedModel):
         for batch in batches:
             pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
             patches = self.embed(pixel_values.to(device)).flatten(2).permute(2, 0, 1)
-            if statistics is None:
-                statistics = PatchStatistics.from_first_batch(patches)
-            statistics.update(patches)
+            # The statistics stay float32 even under a caller's autocast (mixed precision is for the backbone).
+            with torch.autocast(patches.device.type, enabled=False):
+                if statistics is None:
+                    statistics = PatchStatistics.from_first_batch(patches)
+                statistics.update(patches)
         return statistics
 
     @torch.no_grad()
@@ -240,12 +242,13 @@ class PadimModel(PadimPreTrainedModel):
         if self.config.num_train_images == 0:
             raise RuntimeError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
         embedding = self.embed(pixel_values)
-        distances = self.gaussian.distances(embedding).unsqueeze(1)
-        anomaly_map = F.interpolate(distances, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
-        if self.config.blur_sigma > 0:
-            kernel = 2 * int(4.0 * self.config.blur_sigma + 0.5) + 1
-            anomaly_map = gaussian_blur(anomaly_map, [kernel, kernel], [self.config.blur_sigma] * 2)
-        pred_score = anomaly_map.amax(dim=(1, 2, 3))
+        with torch.autocast(embedding.device.type, enabled=False):  # only the backbone runs in mixed precision
+            distances = self.gaussian.distances(embedding).unsqueeze(1)
+            anomaly_map = F.interpolate(distances, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+            if self.config.blur_sigma > 0:
+                kernel = 2 * int(4.0 * self.config.blur_sigma + 0.5) + 1
+                anomaly_map = gaussian_blur(anomaly_map, [kernel, kernel], [self.config.blur_sigma] * 2)
+            pred_score = anomaly_map.amax(dim=(1, 2, 3))
         pred_label = None if self.config.image_threshold is None else pred_score >= self.config.image_threshold
         output = PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
         return output if return_dict is not False else output.to_tuple()

@@ -72,6 +72,18 @@ def test_fit_on_nothing_is_a_clear_error(lite0_weights):
         model.fit([])
 
 
+def test_backbone_autocast_leaves_statistics_and_distances_in_float32(lite0_weights, random_images):
+    reference = PadimModel(small_lite0_config()).load_backbone_weights(lite0_weights)
+    statistics = reference.collect_statistics([random_images])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = reference.collect_statistics([random_images])
+        reference.set_gaussian(statistics)
+        mixed_scores = reference(random_images).pred_score
+    assert mixed.shifted_outer.dtype == torch.float32 and mixed_scores.dtype == torch.float32
+    relative = (mixed.covariance() - statistics.covariance()).norm() / statistics.covariance().norm()
+    assert relative < 0.05  # bf16 features move the covariance a little, not the arithmetic precision
+
+
 def test_one_image_fit_gives_finite_maps(lite0_weights, random_images):
     model = PadimModel(small_lite0_config()).load_backbone_weights(lite0_weights).fit([random_images[:1]])
     output = model(random_images)
