@@ -51,7 +51,7 @@ class Thresholds(NamedTuple):
 class Analysis(NamedTuple):
     overlay: np.ndarray  # (H', W', 3) uint8: the image, heatmap, mask contour and colour bar
     mask: np.ndarray  # (H, W) uint8, 255 where the anomaly map reaches the pixel threshold
-    score: float  # image anomaly score (raw: max of the anomaly map)
+    score: float  # image anomaly score: the model's pred_score, in raw units
     verdict: str
 
 
@@ -75,14 +75,18 @@ class Detector:
     def config(self):
         return self.model.config
 
-    def anomaly_map(self, image: PIL.Image.Image) -> np.ndarray:
-        """(H, W) float32 anomaly map of an RGB image, at the image's size."""
+    def predict(self, image: PIL.Image.Image) -> tuple[np.ndarray, float]:
+        """(H, W) float32 anomaly map of an RGB image at the image's size, and the model's image score.
+
+        The score is the model's `pred_score` (the maximum of the map at model resolution), the value thresholds are
+        calibrated on; the maximum of the resized map can be slightly lower.
+        """
         inputs = self.processor(images=[image], return_tensors="pt")
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             outputs = self.model(pixel_values=inputs["pixel_values"].to(device))
             (anomaly_map,) = self.processor.post_process_anomaly_maps(outputs.anomaly_map, [(image.height, image.width)])
-        return anomaly_map.float().cpu().numpy()
+        return anomaly_map.float().cpu().numpy(), float(outputs.pred_score[0])
 
     def thresholds(self) -> Thresholds:
         return default_thresholds(self.config)
@@ -225,8 +229,7 @@ def analyse(
     image_threshold = defaults.image if image_threshold is None else float(image_threshold)
     pixel_threshold = defaults.pixel if pixel_threshold is None else float(pixel_threshold)
     rgb = load_image(image)
-    anomaly_map = detector.anomaly_map(rgb)
-    score = float(anomaly_map.max())
+    anomaly_map, score = detector.predict(rgb)
     mask = anomaly_map >= pixel_threshold
     overlay = render_overlay(np.asarray(rgb), anomaly_map, pixel_threshold, *colour_range(defaults))
     anomalous = score >= image_threshold

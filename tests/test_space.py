@@ -172,11 +172,12 @@ def test_defects_score_above_good_images_and_the_mask_covers_them(app, kind):
     assert mask[truth].mean() > 0.95  # the whole defect is flagged ...
     assert mask.mean() < 0.6  # ... and not the whole image
     # The hottest pixel lies on the defect, or within the blur's reach of it.
-    anomaly_map = app.DETECTOR.anomaly_map(PIL.Image.fromarray(image))
+    anomaly_map, score = app.DETECTOR.predict(PIL.Image.fromarray(image))
     peak = np.unravel_index(anomaly_map.argmax(), anomaly_map.shape)
     distances = np.hypot(*(np.argwhere(truth) - peak).T)
     assert distances.min() < 12
-    assert result.score == pytest.approx(float(anomaly_map.max()), rel=1e-5)
+    assert result.score == score
+    assert anomaly_map.max() == pytest.approx(score, rel=0.02)  # resizing the map barely moves its maximum
 
 
 def test_overlay_is_the_image_with_a_heatmap_and_colour_bar(app):
