@@ -360,6 +360,8 @@ def model_source() -> str:
 def load_detector(source: str) -> tuple[Detector | None, str]:
     """The detector at `source`, or None and a message saying what went wrong and how to get a model."""
     if source == str(DEFAULT_LOCAL_MODEL) and not DEFAULT_LOCAL_MODEL.exists():
+        if os.environ.get("SPACE_ID"):  # running on Hugging Face: the fix is a Space setting, not a local command
+            return None, f"This Space has no model configured: set the Space variable `{MODEL_ENV}` to a PaDiM model repo id."
         return None, f"No model at `{DEFAULT_LOCAL_MODEL}`. {HOW_TO_MAKE_A_MODEL}"
     try:
         return Detector.load(source), ""

@@ -251,6 +251,17 @@ def test_non_images_are_refused_with_a_message(app, text_file_named_png):
         app.analyse(np.zeros((4, 4, 2), np.uint8))
 
 
+def test_sliders_start_at_the_calibrated_thresholds(app):
+    import gradio as gr
+
+    thresholds = app.DETECTOR.thresholds()
+    sliders = {block.label: block for block in app.demo.blocks.values() if isinstance(block, gr.Slider)}
+    verdict, mask = sliders["Verdict threshold (image score)"], sliders["Mask threshold (pixel score)"]
+    assert verdict.value == pytest.approx(thresholds.image, abs=0.005)
+    assert mask.value == pytest.approx(thresholds.pixel, abs=0.005)
+    assert verdict.maximum >= 2 * thresholds.image and verdict.minimum == 0
+
+
 def test_model_panel_lists_backbone_training_set_and_metrics(app):
     text = app.model_card_markdown(app.DETECTOR)
     assert "`tf_efficientnet_lite0`" in text and "50 random channels" in text
@@ -280,6 +291,10 @@ def test_without_a_model_the_app_says_how_to_make_one(app, tmp_path, monkeypatch
     monkeypatch.setattr(app, "DEFAULT_LOCAL_MODEL", tmp_path / "padim-demo" / "model")
     detector, message = app.load_detector(str(tmp_path / "padim-demo" / "model"))
     assert detector is None and "padim-hf demo" in message and "PADIM_MODEL" in message
+    monkeypatch.setenv("SPACE_ID", "someone/padim-space")
+    detector, message = app.load_detector(str(tmp_path / "padim-demo" / "model"))
+    assert detector is None and "set the Space variable `PADIM_MODEL`" in message
+    monkeypatch.delenv("SPACE_ID")
     detector, message = app.load_detector(str(tmp_path / "elsewhere"))
     assert detector is None and "Could not load the model" in message and "padim-hf demo" in message
     monkeypatch.setattr(app, "DETECTOR", None)
@@ -433,4 +448,5 @@ def test_browser_bad_upload_shows_an_error_message(page, text_file_named_png, tm
     message = page.get_by_text("not_really.png is not an image")
     expect(message.first).to_be_visible(timeout=60_000)
     assert page.get_by_text("Traceback").count() == 0
+    page.wait_for_timeout(500)  # let the toast finish fading in before the screenshot
     page.screenshot(path=str(tmp_path / "space-error.png"), full_page=True)
