@@ -34,6 +34,9 @@ EXAMPLES_DIR = SPACE_DIR / "examples"
 # overlay/mask stay cheap to draw and send. Bigger uploads are refused outright (decoding alone would need GBs).
 MAX_SIDE = 1024
 MAX_PIXELS = 100_000_000
+# Pillow warns about images over ~89 MP; MAX_PIXELS is the limit here. Set once at import: `catch_warnings` is not
+# thread-safe and requests are served concurrently.
+warnings.filterwarnings("ignore", category=PIL.Image.DecompressionBombWarning)
 # Hugging Face's free CPU Spaces have 2 vCPUs: more concurrent PaDiM forwards would only slow each other down.
 CONCURRENCY_LIMIT = 2 if not torch.cuda.is_available() else 4
 HOW_TO_MAKE_A_MODEL = (
@@ -130,29 +133,45 @@ def load_image(image: str | Path | PIL.Image.Image | np.ndarray) -> PIL.Image.Im
     elif not isinstance(image, PIL.Image.Image):
         raise ValueError(f"expected an image, got {type(image).__name__}")
     check_pixel_count(image.width, image.height)
-    image = PIL.ImageOps.exif_transpose(image)
+    image = PIL.ImageOps.exif_transpose(downscale(image))  # first, so later steps handle at most MAX_SIDE^2 pixels
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        high = 255.0 if pixels.max() <= 255 else 65535.0
-        image = PIL.Image.fromarray(np.clip(np.rint(pixels * 255.0 / high), 0, 255).astype(np.uint8))
-    image.thumbnail((MAX_SIDE, MAX_SIDE), PIL.Image.Resampling.LANCZOS, reducing_gap=3.0)
+        image = to_8_bit(image)
     if "A" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
 
 
+def downscale(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` shrunk to at most MAX_SIDE on its longest side (a new image: the caller's is left alone)."""
+    scale = MAX_SIDE / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    # reducing_gap: a fast integer box reduction first, then Lanczos on the small image.
+    return image.resize(size, PIL.Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def to_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit grayscale from a 16/32-bit integer image (0..65535) or a float image (0..1)."""
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    if image.mode == "F" and pixels.max(initial=0) <= 1.0:
+        scale = 255.0
+    elif pixels.max(initial=0) > 255:
+        scale = 255.0 / 65535.0
+    else:  # a wide type holding 8-bit values
+        scale = 1.0
+    return PIL.Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8))
+
+
 def open_image_file(path: Path) -> PIL.Image.Image:
     if not path.is_file():
         raise ValueError(f"no such file: {path.name}")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns from ~89 MP; the size is checked against MAX_PIXELS below instead.
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(path)
-            check_pixel_count(image.width, image.height)
-            image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale straight away
-            image.load()
+        image = PIL.Image.open(path)
+        check_pixel_count(image.width, image.height)
+        image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale straight away
+        image.load()
     except PIL.Image.DecompressionBombError as error:
         raise ValueError(f"the image is too large to analyse: {error}") from error
     except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:

@@ -222,6 +222,17 @@ def test_grayscale_rgba_and_16_bit_images_give_the_rgb_result(app, tmp_path):
     assert app.analyse(holed).score > app.DETECTOR.thresholds().image > reference
 
 
+def test_exif_rotation_is_applied(app, tmp_path):
+    image, truth = defect_image("scratch", seed=3)
+    stored = PIL.Image.fromarray(np.ascontiguousarray(np.rot90(image[:, :96])))  # 96 x 128 stored sideways ...
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # ... with "rotate 90 degrees clockwise to view" as its EXIF orientation
+    stored.save(tmp_path / "rotated.png", exif=exif)
+    result = app.analyse(tmp_path / "rotated.png")
+    assert result.mask.shape == (128, 96)
+    assert (result.mask > 0)[truth[:, :96]].mean() > 0.9
+
+
 def test_huge_image_is_downscaled_before_analysis(app, tmp_path):
     image, truth = defect_image("hole", seed=2)
     huge = np.asarray(PIL.Image.fromarray(image).resize((6000, 4800), PIL.Image.Resampling.NEAREST))
