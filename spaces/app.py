@@ -9,6 +9,7 @@ the model repository (its code files travel with it), not the `padim_hf` package
 import logging
 import math
 import os
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,7 +268,19 @@ def predict(image: str | None, image_threshold: float, pixel_threshold: float):
     except Exception as error:  # anything else is a bug: log it, but show the user a message, not a traceback
         logger.exception("analysis failed")
         raise gr.Error(f"Analysis failed ({type(error).__name__}: {error})", print_exception=False) from error
-    return result.overlay, result.mask, round(result.score, 4), result.verdict
+    return unique_image(result.overlay), unique_image(result.mask), round(result.score, 4), result.verdict
+
+
+def unique_image(pixels: np.ndarray) -> PIL.Image.Image:
+    """`pixels` as a PIL image whose PNG bytes are unique to this request.
+
+    Gradio caches output images under the hash of their bytes and rewrites that file in place on every request:
+    two concurrent requests with identical outputs (two all-black masks) make one client read a file the other is
+    truncating. A random PNG text chunk gives every output its own file.
+    """
+    image = PIL.Image.fromarray(pixels)
+    image.info["padim-space-request"] = uuid.uuid4().hex
+    return image
 
 
 def readable_upload_errors(component: gr.Image) -> gr.Image:
@@ -331,7 +344,8 @@ def slider_maximum(thresholds: Thresholds) -> float:
 
 def build_demo(detector: Detector | None, message: str = "") -> gr.Blocks:
     """The Space's UI. With no detector it shows `message` (how to get a model) and analyses nothing."""
-    with gr.Blocks(title="PaDiM anomaly detection") as demo:
+    # delete_cache: served images are removed after an hour, so a long-running Space does not fill its disk.
+    with gr.Blocks(title="PaDiM anomaly detection", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# PaDiM anomaly detection\nUpload a photo of a part (or pick an example): the heatmap shows where it "
             "differs from the defect-free images the model was fitted on."
