@@ -89,7 +89,8 @@ class Detector:
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             outputs = self.model(pixel_values=inputs["pixel_values"].to(device))
-            (anomaly_map,) = self.processor.post_process_anomaly_maps(outputs.anomaly_map, [(image.height, image.width)])
+            sizes = [(image.height, image.width)]
+            (anomaly_map,) = self.processor.post_process_anomaly_maps(outputs.anomaly_map, sizes)
         return anomaly_map.float().cpu().numpy(), float(outputs.pred_score[0])
 
     def thresholds(self) -> Thresholds:
@@ -118,7 +119,9 @@ def default_thresholds(config) -> Thresholds:
     if image is None and pixel is None:
         guess = gaussian_distance_quantile(config.n_features)
         return Thresholds(image=guess, pixel=guess, calibrated=False)
-    return Thresholds(image=float(image if image is not None else pixel), pixel=float(pixel if pixel is not None else image), calibrated=True)
+    image = float(image if image is not None else pixel)
+    pixel = float(pixel if pixel is not None else image)
+    return Thresholds(image=image, pixel=pixel, calibrated=True)
 
 
 def load_image(image: str | Path | PIL.Image.Image | np.ndarray) -> PIL.Image.Image:
@@ -253,7 +256,8 @@ def analyse(
     mask = anomaly_map >= pixel_threshold
     overlay = render_overlay(np.asarray(rgb), anomaly_map, pixel_threshold, *colour_range(defaults))
     anomalous = score >= image_threshold
-    verdict = f"{'Anomalous' if anomalous else 'Normal'}: score {score:.2f} {'≥' if anomalous else '<'} threshold {image_threshold:.2f}"
+    label, comparison = ("Anomalous", "≥") if anomalous else ("Normal", "<")
+    verdict = f"{label}: score {score:.2f} {comparison} threshold {image_threshold:.2f}"
     return Analysis(overlay=overlay, mask=mask.astype(np.uint8) * 255, score=score, verdict=verdict)
 
 
@@ -342,6 +346,10 @@ def slider_maximum(thresholds: Thresholds) -> float:
     return float(f"{factor * max(thresholds.image, thresholds.pixel):.2g}")
 
 
+def threshold_slider(label: str, value: float, maximum: float, elem_id: str) -> gr.Slider:
+    return gr.Slider(0.0, maximum, value=round(value, 2), step=maximum / 1000, label=label, elem_id=elem_id)
+
+
 def build_demo(detector: Detector | None, message: str = "") -> gr.Blocks:
     """The Space's UI. With no detector it shows `message` (how to get a model) and analyses nothing."""
     # delete_cache: served images are removed after an hour, so a long-running Space does not fill its disk.
@@ -358,21 +366,38 @@ def build_demo(detector: Detector | None, message: str = "") -> gr.Blocks:
         maximum = slider_maximum(thresholds)
         with gr.Row():
             with gr.Column():
+                # type="filepath" with image_mode=None hands over the upload undecoded: load_image decodes it once,
+                # downscaling huge images, and reports unreadable files as messages.
                 image = readable_upload_errors(
-                    gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload", "clipboard"], elem_id="input-image")
+                    gr.Image(
+                        label="Image",
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload", "clipboard"],
+                        elem_id="input-image",
+                    )
                 )
-                image_threshold = gr.Slider(0.0, maximum, value=round(thresholds.image, 2), step=maximum / 1000, label="Verdict threshold (image score)", elem_id="image-threshold")
-                pixel_threshold = gr.Slider(0.0, maximum, value=round(thresholds.pixel, 2), step=maximum / 1000, label="Mask threshold (pixel score)", elem_id="pixel-threshold")
+                image_threshold = threshold_slider(
+                    "Verdict threshold (image score)", thresholds.image, maximum, "image-threshold"
+                )
+                pixel_threshold = threshold_slider(
+                    "Mask threshold (pixel score)", thresholds.pixel, maximum, "pixel-threshold"
+                )
                 button = gr.Button("Analyse", variant="primary")
                 examples = sorted(EXAMPLES_DIR.glob("*.png"))
                 if examples:
                     gr.Examples([[str(path)] for path in examples], inputs=[image], label="Examples (synthetic fabric)")
             with gr.Column():
-                overlay = gr.Image(label="Anomaly heatmap", type="numpy", format="png", interactive=False, elem_id="overlay")
+                overlay = gr.Image(label="Anomaly heatmap", format="png", interactive=False, elem_id="overlay")
                 with gr.Row():
                     score = gr.Number(label="Anomaly score", precision=2, interactive=False, elem_id="score")
                     verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="verdict")
-                mask = gr.Image(label="Defect mask (pixels at or above the mask threshold)", type="numpy", format="png", image_mode="L", interactive=False, elem_id="mask")
+                mask = gr.Image(
+                    label="Defect mask (pixels at or above the mask threshold)",
+                    format="png",
+                    interactive=False,
+                    elem_id="mask",
+                )
         if detector is not None:
             with gr.Accordion("About this model", open=True):
                 gr.Markdown(model_card_markdown(detector), elem_id="model-info")
@@ -394,7 +419,9 @@ def load_detector(source: str) -> tuple[Detector | None, str]:
     """The detector at `source`, or None and a message saying what went wrong and how to get a model."""
     if source == str(DEFAULT_LOCAL_MODEL) and not DEFAULT_LOCAL_MODEL.exists():
         if os.environ.get("SPACE_ID"):  # running on Hugging Face: the fix is a Space setting, not a local command
-            return None, f"This Space has no model configured: set the Space variable `{MODEL_ENV}` to a PaDiM model repo id."
+            return None, (
+                f"This Space has no model configured: set the Space variable `{MODEL_ENV}` to a PaDiM model repo id."
+            )
         return None, f"No model at `{DEFAULT_LOCAL_MODEL}`. {HOW_TO_MAKE_A_MODEL}"
     try:
         return Detector.load(source), ""

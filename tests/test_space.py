@@ -332,7 +332,8 @@ def test_space_metadata_is_deployable():
     assert "sdk: gradio" in front_matter and "app_file: app.py" in front_matter and "models:" in front_matter
     assert f"sdk_version: {gradio.__version__}" in front_matter
     lines = (SPACE_DIR / "requirements.txt").read_text().splitlines()
-    packages = {re.split(r"[<>=!~\[ ]", line.strip())[0].lower() for line in lines if line.strip() and not line.startswith("#")}
+    requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    packages = {re.split(r"[<>=!~\[ ;]", requirement)[0].lower() for requirement in requirements}
     assert not any(name.startswith(("gradio", "padim")) for name in packages)  # gradio comes from sdk_version
     # What the model's remote code and the app import.
     assert {"torch", "torchvision", "timm", "transformers", "huggingface_hub", "matplotlib", "pillow"} <= packages
