@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -340,28 +341,54 @@ def test_space_metadata_is_deployable():
 
 
 @pytest.mark.slow
-def test_app_works_with_only_the_model_repo(model_dir, tmp_path):
-    """A Space has no padim_hf: hide the package and load everything through trust_remote_code."""
+def test_python_app_py_serves_with_only_the_model_repo(app, model_dir, tmp_path):
+    """What a Space runs: `python app.py`, with no padim_hf (hidden here), the model through trust_remote_code."""
+    from gradio_client import Client, handle_file
+
     shadow = tmp_path / "shadow" / "padim_hf"
     shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('padim_hf is hidden: a Space does not have it')\n")
-    script = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('app', {str(SPACE_DIR / 'app.py')!r})\n"
-        "app = importlib.util.module_from_spec(spec); spec.loader.exec_module(app)\n"
-        "assert app.DETECTOR is not None, app.LOAD_MESSAGE\n"
-        "assert not any(name.startswith('padim_hf') for name in sys.modules), 'padim_hf was imported'\n"
-        f"print(app.analyse({str(EXAMPLES / 'hole.png')!r}).score)\n"
+    marker = tmp_path / "padim_hf-was-imported"
+    (shadow / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('padim_hf is hidden: a Space does not have it')\n"
     )
-    env = dict(os.environ, PADIM_MODEL=str(model_dir), PYTHONPATH=str(shadow.parent), GRADIO_ANALYTICS_ENABLED="False")
-    completed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    score = float(completed.stdout.strip().splitlines()[-1])
+    port = free_port()
+    env = dict(
+        os.environ,
+        PADIM_MODEL=str(model_dir),
+        PYTHONPATH=str(shadow.parent),
+        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+    )
+    log = tmp_path / "app.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=SPACE_DIR, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"app.py exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"app.py did not start: {log.read_text()[-3000:]}"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        client = Client(url, verbose=False)
+        # The slider's top (the API checks ranges): above the hole's score, so the verdict shows it was used.
+        top = app.slider_maximum(app.DETECTOR.thresholds())
+        _, _, score, verdict = client.predict(handle_file(str(EXAMPLES / "hole.png")), top, top, api_name="/analyse")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert not marker.exists(), "app.py tried to import padim_hf"
     processor = PadimImageProcessor.from_pretrained(model_dir)
     model = PadimModel.from_pretrained(model_dir)
-    image = PIL.Image.open(EXAMPLES / "hole.png")
-    expected = model(**processor(image, return_tensors="pt")).pred_score.item()
-    assert score == pytest.approx(expected, rel=1e-4)
+    expected = model(**processor(PIL.Image.open(EXAMPLES / "hole.png"), return_tensors="pt")).pred_score.item()
+    assert score == pytest.approx(expected, abs=0.01)
+    assert score < top and verdict.startswith("Normal")  # the thresholds sent were used
 
 
 # --- the HTTP API, through gradio_client --------------------------------------------------------------------------
