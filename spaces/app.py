@@ -386,7 +386,12 @@ def build_demo(detector: Detector | None, message: str = "") -> gr.Blocks:
                 button = gr.Button("Analyse", variant="primary")
                 examples = sorted(EXAMPLES_DIR.glob("*.png"))
                 if examples:
-                    gr.Examples([[str(path)] for path in examples], inputs=[image], label="Examples (synthetic fabric)")
+                    gr.Examples(
+                        [[str(path)] for path in examples],
+                        inputs=[image],
+                        label="Examples (synthetic fabric)",
+                        elem_id="examples",
+                    )
             with gr.Column():
                 overlay = gr.Image(label="Anomaly heatmap", format="png", interactive=False, elem_id="overlay")
                 with gr.Row():

@@ -484,6 +484,25 @@ def test_browser_upload_shows_heatmap_score_and_verdict(app, page, tmp_path):
 
 
 @pytest.mark.slow
+def test_browser_examples_are_analysed_when_picked(app, page):
+    from playwright.sync_api import expect
+
+    examples = page.locator("#examples .gallery-item")
+    expect(examples).to_have_count(5)  # sorted: good_1, good_2, hole, scratch, stain
+    verdict = page.locator("#verdict textarea")
+    examples.nth(0).click()
+    expect(verdict).to_have_value(re.compile("^Normal"), timeout=60_000)
+    assert float(page.locator("#score input").input_value()) == pytest.approx(
+        app.analyse(EXAMPLES / "good_1.png").score, abs=0.01
+    )
+    examples.nth(4).click()
+    expect(verdict).to_have_value(re.compile("^Anomalous"), timeout=60_000)
+    assert float(page.locator("#score input").input_value()) == pytest.approx(
+        app.analyse(EXAMPLES / "stain.png").score, abs=0.01
+    )
+
+
+@pytest.mark.slow
 def test_browser_bad_upload_shows_an_error_message(page, text_file_named_png, tmp_path):
     from playwright.sync_api import expect
 
