@@ -212,12 +212,19 @@ def colour_range(thresholds: Thresholds) -> tuple[float, float]:
     return 0.5 * thresholds.pixel, 2.0 * thresholds.pixel
 
 
+def figure_size(height: int, width: int, longest: float = 6.4, colour_bar: float = 1.2) -> tuple[float, float]:
+    """Figure (width, height) in inches fitting the image's aspect ratio into a `longest`-inch box, plus room for
+    the colour bar; very thin images are not stretched beyond 2 inches on their short side."""
+    if height >= width:
+        return max(2.0, longest * width / height) + colour_bar, longest
+    return longest, max(2.0, (longest - colour_bar) * height / width)
+
+
 def render_overlay(
     image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float, vmin: float, vmax: float
 ) -> np.ndarray:
     """The image with the heatmap blended over it, the mask outline, and a colour bar marking the threshold."""
-    height, width = anomaly_map.shape
-    figure = Figure(figsize=(6.4, max(2.0, 5.4 * height / width)), dpi=100, layout="constrained")
+    figure = Figure(figsize=figure_size(*anomaly_map.shape), dpi=100, layout="constrained")
     canvas = FigureCanvasAgg(figure)  # the object-oriented API, not pyplot: requests are served concurrently
     axes = figure.add_subplot()
     axes.imshow(image)
@@ -228,7 +235,7 @@ def render_overlay(
     axes.set_axis_off()
     # The bar is drawn from an opaque copy of the colour map: a translucent bar is hard to read.
     colour_bar = figure.colorbar(ScalarMappable(norm=heat.norm, cmap=heat.cmap), ax=axes, fraction=0.046, pad=0.02)
-    colour_bar.set_label("anomaly score (white line: mask threshold)")
+    colour_bar.set_label("anomaly score")
     colour_bar.ax.axhline(min(max(pixel_threshold, vmin), vmax), color="white", linewidth=2)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
@@ -393,7 +400,9 @@ def build_demo(detector: Detector | None, message: str = "") -> gr.Blocks:
                         elem_id="examples",
                     )
             with gr.Column():
-                overlay = gr.Image(label="Anomaly heatmap", format="png", interactive=False, elem_id="overlay")
+                overlay = gr.Image(
+                    label="Anomaly heatmap (white: mask threshold)", format="png", interactive=False, elem_id="overlay"
+                )
                 with gr.Row():
                     score = gr.Number(label="Anomaly score", precision=2, interactive=False, elem_id="score")
                     verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="verdict")

@@ -192,6 +192,14 @@ def test_overlay_is_the_image_with_a_heatmap_and_colour_bar(app):
     assert red.mean() > 0.01 and blue.mean() > 0.01
 
 
+@pytest.mark.parametrize("shape", [(60, 900), (900, 60), (1000, 1000)])
+def test_overlay_stays_screen_sized_for_any_aspect_ratio(app, shape):
+    image = np.asarray(PIL.Image.fromarray(synthetic.fabric(3, size=1000)).crop((0, 0, shape[1], shape[0])))
+    result = app.analyse(image)
+    assert result.mask.shape == shape
+    assert max(result.overlay.shape[:2]) <= 800 and min(result.overlay.shape[:2]) >= 150
+
+
 def test_thresholds_move_the_mask_and_the_verdict(app):
     image, _ = defect_image("stain", seed=1)
     default = app.analyse(image)
