@@ -353,6 +353,26 @@ def slider_maximum(thresholds: Thresholds) -> float:
     return float(f"{factor * max(thresholds.image, thresholds.pixel):.2g}")
 
 
+def widened_maximum(score: float | None, maximum: float) -> float | None:
+    """A new top for the threshold sliders when `score` comes near the current one, else None.
+
+    An uncalibrated model's first guess can be far below its real scores; the sliders grow (never shrink, so a
+    chosen threshold stays in range) to keep room above every score seen in the session.
+    """
+    if score is None or score < 0.8 * maximum:
+        return None
+    return float(f"{2.0 * score:.2g}")
+
+
+def widen_sliders(score: float | None, maximum: float):
+    """Gradio callback: `widened_maximum` applied to both sliders and the session's state."""
+    widened = widened_maximum(score, maximum)
+    if widened is None:
+        return gr.update(), gr.update(), maximum
+    update = gr.update(maximum=widened, step=widened / 1000)
+    return update, update, widened
+
+
 def threshold_slider(label: str, value: float, maximum: float, elem_id: str) -> gr.Slider:
     return gr.Slider(0.0, maximum, value=round(value, 2), step=maximum / 1000, label=label, elem_id=elem_id)
 
@@ -415,12 +435,18 @@ def build_demo(detector: Detector | None, message: str = "") -> gr.Blocks:
         if detector is not None:
             with gr.Accordion("About this model", open=True):
                 gr.Markdown(model_card_markdown(detector), elem_id="model-info")
+        slider_top = gr.State(maximum)
         gr.on(
             [image.change, button.click, image_threshold.release, pixel_threshold.release],
             predict,
             inputs=[image, image_threshold, pixel_threshold],
             outputs=[overlay, mask, score, verdict],
             api_name="analyse",
+        ).success(
+            widen_sliders,
+            inputs=[score, slider_top],
+            outputs=[image_threshold, pixel_threshold, slider_top],
+            api_visibility="private",
         )
     return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT)
 

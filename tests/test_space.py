@@ -305,6 +305,16 @@ def test_uncalibrated_model_starts_at_a_stated_default(app, uncalibrated_model_d
     assert app.slider_maximum(thresholds) > result.score
 
 
+def test_sliders_grow_to_leave_room_above_every_score(app):
+    assert app.widened_maximum(None, 100.0) is None
+    assert app.widened_maximum(50.0, 100.0) is None
+    assert app.widened_maximum(90.0, 100.0) == 180.0
+    assert app.widened_maximum(799.53, 280.0) == 1600.0
+    image_update, pixel_update, top = app.widen_sliders(799.53, 280.0)
+    assert image_update["maximum"] == pixel_update["maximum"] == top == 1600.0
+    assert app.widen_sliders(10.0, 280.0)[2] == 280.0
+
+
 def test_without_a_model_the_app_says_how_to_make_one(app, tmp_path, monkeypatch):
     import gradio as gr
 
@@ -459,6 +469,10 @@ def test_client_bad_upload_gets_a_message_not_a_traceback(server, text_file_name
 
 @pytest.fixture
 def page(server):
+    yield from open_page(server)
+
+
+def open_page(url: str):
     require_chromium()
     from playwright.sync_api import sync_playwright
 
@@ -466,7 +480,9 @@ def page(server):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.goto(server, wait_until="networkidle")
+            # Not "networkidle": Gradio keeps a heartbeat request open for apps with session state.
+            page.goto(url, wait_until="load")
+            page.locator("#input-image input[type=file]").wait_for(state="attached", timeout=60_000)
             yield page
         finally:
             browser.close()
@@ -520,3 +536,32 @@ def test_browser_bad_upload_shows_an_error_message(page, text_file_named_png, tm
     assert page.get_by_text("Traceback").count() == 0
     page.wait_for_timeout(500)  # let the toast finish fading in before the screenshot
     page.screenshot(path=str(tmp_path / "space-error.png"), full_page=True)
+
+
+@pytest.mark.slow
+def test_browser_sliders_grow_past_an_uncalibrated_guess(app, uncalibrated_model_dir):
+    from playwright.sync_api import expect
+
+    require_chromium()
+    detector = app.Detector.load(uncalibrated_model_dir)
+    demo = app.build_demo(detector)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        for page in open_page(f"http://127.0.0.1:{port}/"):
+            expect(page.locator("#model-info")).to_contain_text("Uncalibrated model")
+            slider = page.locator("#image-threshold input[type=range]")
+            first_top = float(slider.get_attribute("max"))
+            assert first_top == app.slider_maximum(detector.thresholds())
+            page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLES / "hole.png"))
+            expect(page.locator("#verdict textarea")).to_have_value(re.compile("^Anomalous"), timeout=60_000)
+            score = float(page.locator("#score input").input_value())
+            assert score > first_top  # the guess is far below real scores: the situation the widening is for
+            page.wait_for_function(
+                "([selector, top]) => parseFloat(document.querySelector(selector).max) !== top",
+                arg=["#image-threshold input[type=range]", first_top],
+                timeout=10_000,
+            )
+            assert float(slider.get_attribute("max")) == app.widened_maximum(score, first_top)
+    finally:
+        demo.close()
