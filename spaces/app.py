@@ -70,6 +70,8 @@ class Detector:
     @classmethod
     def load(cls, source: str | Path) -> "Detector":
         model = AutoModel.from_pretrained(str(source), trust_remote_code=True).eval()
+        if torch.cuda.is_available():  # GPU Space hardware
+            model = model.to("cuda")
         if getattr(model.config, "model_type", None) != "padim":
             raise ValueError(f"{source} is a {model.config.model_type!r} model, not a PaDiM model")
         processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=True)
