@@ -356,10 +356,14 @@ def test_default_model_is_padim_demo_in_the_repository(app, monkeypatch):
 def test_space_metadata_is_deployable():
     import gradio
 
+    import yaml
+
     readme = (SPACE_DIR / "README.md").read_text()
-    front_matter = readme.split("---")[1]
-    assert "sdk: gradio" in front_matter and "app_file: app.py" in front_matter and "models:" in front_matter
-    assert f"sdk_version: {gradio.__version__}" in front_matter
+    assert readme.startswith("---\n")
+    front_matter = yaml.safe_load(readme.split("---\n")[1])
+    assert front_matter["sdk"] == "gradio" and front_matter["sdk_version"] == gradio.__version__
+    assert front_matter["app_file"] == "app.py" and (SPACE_DIR / front_matter["app_file"]).is_file()
+    assert front_matter["models"] and len(front_matter["short_description"]) <= 60  # the Hub's limit
     lines = (SPACE_DIR / "requirements.txt").read_text().splitlines()
     requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     packages = {re.split(r"[<>=!~\[ ;]", requirement)[0].lower() for requirement in requirements}
