@@ -1,0 +1,479 @@
+"""Gradio Space: PaDiM anomaly heatmaps for one uploaded image.
+
+The model is loaded with `AutoModel` / `AutoImageProcessor` and `trust_remote_code=True`, so the Space needs only
+the model repository (its code files travel with it), not the `padim_hf` package. Which model: the env variable
+`PADIM_MODEL` (a Hub repo id or a local directory); run from a checkout, the default is `padim-demo/model`, which
+`padim-hf demo` writes.
+"""
+
+import logging
+import math
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gradio as gr
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.figure import Figure
+from transformers import AutoImageProcessor, AutoModel
+
+logger = logging.getLogger(__name__)
+
+MODEL_ENV = "PADIM_MODEL"
+SPACE_DIR = Path(__file__).resolve().parent
+DEFAULT_LOCAL_MODEL = SPACE_DIR.parent / "padim-demo" / "model"
+EXAMPLES_DIR = SPACE_DIR / "examples"
+# Images are downscaled to this longest side before anything else: PaDiM sees a few hundred pixels anyway, and the
+# overlay/mask stay cheap to draw and send. Bigger uploads are refused outright (decoding alone would need GBs).
+MAX_SIDE = 1024
+MAX_PIXELS = 100_000_000
+# Pillow warns about images over ~89 MP; MAX_PIXELS is the limit here. Set once at import: `catch_warnings` is not
+# thread-safe and requests are served concurrently.
+warnings.filterwarnings("ignore", category=PIL.Image.DecompressionBombWarning)
+# Hugging Face's free CPU Spaces have 2 vCPUs: more concurrent PaDiM forwards would only slow each other down.
+CONCURRENCY_LIMIT = 2 if not torch.cuda.is_available() else 4
+HOW_TO_MAKE_A_MODEL = (
+    "Make one with `padim-hf demo` (it fits a detector and writes `padim-demo/model`), or set the environment "
+    f"variable `{MODEL_ENV}` to a PaDiM model's Hub repo id or local directory."
+)
+
+
+class Thresholds(NamedTuple):
+    image: float
+    pixel: float
+    calibrated: bool
+
+
+class Analysis(NamedTuple):
+    overlay: np.ndarray  # (H', W', 3) uint8: the image, heatmap, mask contour and colour bar
+    mask: np.ndarray  # (H, W) uint8, 255 where the anomaly map reaches the pixel threshold
+    score: float  # image anomaly score: the model's pred_score, in raw units
+    verdict: str
+
+
+@dataclass
+class Detector:
+    """A loaded PaDiM model with its image processor."""
+
+    model: torch.nn.Module
+    processor: Any
+    source: str
+
+    @classmethod
+    def load(cls, source: str | Path) -> "Detector":
+        model = AutoModel.from_pretrained(str(source), trust_remote_code=True).eval()
+        if torch.cuda.is_available():  # GPU Space hardware
+            model = model.to("cuda")
+        if getattr(model.config, "model_type", None) != "padim":
+            raise ValueError(f"{source} is a {model.config.model_type!r} model, not a PaDiM model")
+        processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=True)
+        return cls(model=model, processor=processor, source=str(source))
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def predict(self, image: PIL.Image.Image) -> tuple[np.ndarray, float]:
+        """(H, W) float32 anomaly map of an RGB image at the image's size, and the model's image score.
+
+        The score is the model's `pred_score` (the maximum of the map at model resolution), the value thresholds are
+        calibrated on; the maximum of the resized map can be slightly lower.
+        """
+        inputs = self.processor(images=[image], return_tensors="pt")
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            outputs = self.model(pixel_values=inputs["pixel_values"].to(device))
+            sizes = [(image.height, image.width)]
+            (anomaly_map,) = self.processor.post_process_anomaly_maps(outputs.anomaly_map, sizes)
+        return anomaly_map.float().cpu().numpy(), float(outputs.pred_score[0])
+
+    def thresholds(self) -> Thresholds:
+        return default_thresholds(self.config)
+
+
+def gaussian_distance_quantile(dimensions: int, probability: float = 0.999) -> float:
+    """Mahalanobis distance exceeded with `1 - probability` under an exact `dimensions`-d Gaussian.
+
+    Wilson-Hilferty's approximation of the chi-square quantile (accurate to a few percent from 2 dimensions up),
+    so the Space needs no scipy.
+    """
+    z = {0.99: 2.326, 0.999: 3.090, 0.9999: 3.719}[probability]
+    k = float(dimensions)
+    chi_square = k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+    return math.sqrt(chi_square)
+
+
+def default_thresholds(config) -> Thresholds:
+    """The calibrated thresholds, each standing in for the other when only one is set.
+
+    Uncalibrated models get the 99.9% quantile of the Gaussian distance: a lower bound (real distances are larger,
+    more so the fewer training images), which the UI says.
+    """
+    image, pixel = config.image_threshold, config.pixel_threshold
+    if image is None and pixel is None:
+        guess = gaussian_distance_quantile(config.n_features)
+        return Thresholds(image=guess, pixel=guess, calibrated=False)
+    image = float(image if image is not None else pixel)
+    pixel = float(pixel if pixel is not None else image)
+    return Thresholds(image=image, pixel=pixel, calibrated=True)
+
+
+def load_image(image: str | Path | PIL.Image.Image | np.ndarray) -> PIL.Image.Image:
+    """An RGB PIL image no longer than MAX_SIDE, from a path, PIL image or array of any common mode.
+
+    Grayscale is replicated, transparency is composited on white (as the image processor does), 16-bit images are
+    scaled to 8 bits, EXIF rotation is applied. Raises ValueError with a user-facing message for anything else.
+    """
+    if isinstance(image, np.ndarray):
+        image = array_to_pil(image)
+    elif isinstance(image, (str, Path)):
+        image = open_image_file(Path(image))
+    elif not isinstance(image, PIL.Image.Image):
+        raise ValueError(f"expected an image, got {type(image).__name__}")
+    check_pixel_count(image.width, image.height)
+    image = PIL.ImageOps.exif_transpose(downscale(image))  # first, so later steps handle at most MAX_SIDE^2 pixels
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = to_8_bit(image)
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def downscale(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` shrunk to at most MAX_SIDE on its longest side (a new image: the caller's is left alone)."""
+    scale = MAX_SIDE / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    # reducing_gap: a fast integer box reduction first, then Lanczos on the small image.
+    return image.resize(size, PIL.Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def to_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit grayscale from a 16/32-bit integer image (0..65535) or a float image (0..1)."""
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    if image.mode == "F" and pixels.max(initial=0) <= 1.0:
+        scale = 255.0
+    elif pixels.max(initial=0) > 255:
+        scale = 255.0 / 65535.0
+    else:  # a wide type holding 8-bit values
+        scale = 1.0
+    return PIL.Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8))
+
+
+def open_image_file(path: Path) -> PIL.Image.Image:
+    if not path.is_file():
+        raise ValueError(f"no such file: {path.name}")
+    try:
+        image = PIL.Image.open(path)
+        check_pixel_count(image.width, image.height)
+        image.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale straight away
+        image.load()
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(f"the image is too large to analyse: {error}") from error
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"{path.name} is not an image Pillow can read (PNG, JPEG, BMP, TIFF, WebP, ...)") from error
+    return image
+
+
+def array_to_pil(array: np.ndarray) -> PIL.Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
+        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image array, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if array.dtype.kind == "f":
+            array = np.clip(np.nan_to_num(array) * 255.0, 0, 255)  # float images lie in [0, 1]
+        elif array.max(initial=0) > 255:
+            array = array / 257.0  # 16-bit
+        array = np.rint(array).astype(np.uint8)
+    return PIL.Image.fromarray(array)
+
+
+def check_pixel_count(width: int, height: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ValueError(
+            f"the image is {width}x{height} pixels; images up to {MAX_PIXELS // 1_000_000} megapixels are accepted"
+        )
+    if width < 1 or height < 1:
+        raise ValueError("the image is empty")
+
+
+def colour_range(thresholds: Thresholds) -> tuple[float, float]:
+    """Fixed heatmap colour range for a model: centred on the pixel threshold, so colours mean the same on every
+    image (a per-image min-max scale would paint a perfect part red)."""
+    return 0.5 * thresholds.pixel, 2.0 * thresholds.pixel
+
+
+def figure_size(height: int, width: int, longest: float = 6.4, colour_bar: float = 1.2) -> tuple[float, float]:
+    """Figure (width, height) in inches fitting the image's aspect ratio into a `longest`-inch box, plus room for
+    the colour bar; very thin images are not stretched beyond 2 inches on their short side."""
+    if height >= width:
+        return max(2.0, longest * width / height) + colour_bar, longest
+    return longest, max(2.0, (longest - colour_bar) * height / width)
+
+
+def render_overlay(
+    image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float, vmin: float, vmax: float
+) -> np.ndarray:
+    """The image with the heatmap blended over it, the mask outline, and a colour bar marking the threshold."""
+    figure = Figure(figsize=figure_size(*anomaly_map.shape), dpi=100, layout="constrained")
+    canvas = FigureCanvasAgg(figure)  # the object-oriented API, not pyplot: requests are served concurrently
+    axes = figure.add_subplot()
+    axes.imshow(image)
+    heat = axes.imshow(anomaly_map, cmap="jet", vmin=vmin, vmax=vmax, alpha=0.45, interpolation="bilinear")
+    mask = anomaly_map >= pixel_threshold
+    if mask.any() and not mask.all():
+        axes.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=1.5)
+    axes.set_axis_off()
+    # The bar is drawn from an opaque copy of the colour map: a translucent bar is hard to read.
+    colour_bar = figure.colorbar(ScalarMappable(norm=heat.norm, cmap=heat.cmap), ax=axes, fraction=0.046, pad=0.02)
+    colour_bar.set_label("anomaly score")
+    colour_bar.ax.axhline(min(max(pixel_threshold, vmin), vmax), color="white", linewidth=2)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def analyse(
+    image: str | Path | PIL.Image.Image | np.ndarray,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+    detector: Detector | None = None,
+) -> Analysis:
+    """Scores one image: heatmap overlay, binary defect mask, anomaly score and verdict.
+
+    Thresholds default to the model's calibrated ones. Raises ValueError (bad input) or RuntimeError (no model)
+    with a message meant for the user.
+    """
+    detector = detector if detector is not None else DETECTOR
+    if detector is None:
+        raise RuntimeError(LOAD_MESSAGE)
+    defaults = detector.thresholds()
+    image_threshold = defaults.image if image_threshold is None else float(image_threshold)
+    pixel_threshold = defaults.pixel if pixel_threshold is None else float(pixel_threshold)
+    rgb = load_image(image)
+    anomaly_map, score = detector.predict(rgb)
+    mask = anomaly_map >= pixel_threshold
+    overlay = render_overlay(np.asarray(rgb), anomaly_map, pixel_threshold, *colour_range(defaults))
+    anomalous = score >= image_threshold
+    label, comparison = ("Anomalous", "≥") if anomalous else ("Normal", "<")
+    verdict = f"{label}: score {score:.2f} {comparison} threshold {image_threshold:.2f}"
+    return Analysis(overlay=overlay, mask=mask.astype(np.uint8) * 255, score=score, verdict=verdict)
+
+
+def predict(image: str | None, image_threshold: float, pixel_threshold: float):
+    """Gradio callback: `analyse` with errors turned into messages shown in the UI."""
+    if image is None:
+        return None, None, None, ""
+    try:
+        result = analyse(image, image_threshold, pixel_threshold)
+    except (ValueError, RuntimeError) as error:
+        raise gr.Error(str(error), print_exception=False) from error
+    except Exception as error:  # anything else is a bug: log it, but show the user a message, not a traceback
+        logger.exception("analysis failed")
+        raise gr.Error(f"Analysis failed ({type(error).__name__}: {error})", print_exception=False) from error
+    return unique_image(result.overlay), unique_image(result.mask), round(result.score, 4), result.verdict
+
+
+def unique_image(pixels: np.ndarray) -> PIL.Image.Image:
+    """`pixels` as a PIL image whose PNG bytes are unique to this request.
+
+    Gradio caches output images under the hash of their bytes and rewrites that file in place on every request:
+    two concurrent requests with identical outputs (two all-black masks) make one client read a file the other is
+    truncating. A random PNG text chunk gives every output its own file.
+    """
+    image = PIL.Image.fromarray(pixels)
+    image.info["padim-space-request"] = uuid.uuid4().hex
+    return image
+
+
+def readable_upload_errors(component: gr.Image) -> gr.Image:
+    """Makes `component` report undecodable uploads as a readable message instead of a bare "Error".
+
+    Gradio decodes uploads before the callback runs, outside its try/except. The instance's `preprocess` is wrapped
+    rather than gr.Image subclassed, because subclassing makes Gradio write a `.pyi` stub next to this file.
+    """
+    preprocess = component.preprocess
+
+    def checked_preprocess(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as error:
+            name = getattr(payload, "orig_name", None) or "The upload"
+            raise gr.Error(
+                f"{name} is not an image that can be read (PNG, JPEG, BMP, TIFF, WebP, ...): {type(error).__name__}",
+                print_exception=False,
+            ) from error
+
+    component.preprocess = checked_preprocess
+    return component
+
+
+def model_card_markdown(detector: Detector) -> str:
+    """Backbone, training set and evaluation metrics of the loaded model, as Markdown."""
+    config = detector.config
+    thresholds = detector.thresholds()
+    lines = [
+        f"**Model** `{detector.source}`",
+        f"- Backbone: `{config.backbone}` (stages {list(config.layers)}, {config.n_features} random channels)",
+        f"- Input size: {config.input_size} px",
+        f"- Trained on: {config.train_dataset or 'unknown'} ({config.num_train_images} defect-free images)",
+    ]
+    if thresholds.calibrated:
+        lines.append(f"- Calibrated thresholds: image {thresholds.image:.2f}, pixel {thresholds.pixel:.2f}")
+    else:
+        lines.append(
+            f"- **Uncalibrated model**: the thresholds start at {thresholds.image:.2f}, the 99.9% quantile of a "
+            f"{config.n_features}-d Gaussian's distance. Real scores run higher (much higher after few training "
+            "images): move the sliders, or evaluate the model on labelled images to calibrate it."
+        )
+    metrics = {key: value for key, value in (config.metrics or {}).items() if isinstance(value, (int, float))}
+    if metrics:
+        dataset = (config.metrics or {}).get("dataset")
+        lines.append(f"\n**Evaluation**{f' on {dataset}' if dataset else ''}\n")
+        lines.append("| metric | value |\n|---|---|")
+        lines.extend(f"| {key.replace('_', ' ')} | {value:.3f} |" for key, value in metrics.items())
+    else:
+        lines.append("- Not evaluated yet: no metrics.")
+    return "\n".join(lines)
+
+
+def slider_maximum(thresholds: Thresholds) -> float:
+    # Room above the threshold for stricter settings; uncalibrated guesses are lower bounds, so give more room.
+    factor = 3.0 if thresholds.calibrated else 30.0
+    return float(f"{factor * max(thresholds.image, thresholds.pixel):.2g}")
+
+
+def widened_maximum(score: float | None, maximum: float) -> float | None:
+    """A new top for the threshold sliders when `score` comes near the current one, else None.
+
+    An uncalibrated model's first guess can be far below its real scores; the sliders grow (never shrink, so a
+    chosen threshold stays in range) to keep room above every score seen in the session.
+    """
+    if score is None or score < 0.8 * maximum:
+        return None
+    return float(f"{2.0 * score:.2g}")
+
+
+def widen_sliders(score: float | None, maximum: float):
+    """Gradio callback: `widened_maximum` applied to both sliders and the session's state."""
+    widened = widened_maximum(score, maximum)
+    if widened is None:
+        return gr.update(), gr.update(), maximum
+    update = gr.update(maximum=widened, step=widened / 1000)
+    return update, update, widened
+
+
+def threshold_slider(label: str, value: float, maximum: float, elem_id: str) -> gr.Slider:
+    return gr.Slider(0.0, maximum, value=round(value, 2), step=maximum / 1000, label=label, elem_id=elem_id)
+
+
+def build_demo(detector: Detector | None, message: str = "") -> gr.Blocks:
+    """The Space's UI. With no detector it shows `message` (how to get a model) and analyses nothing."""
+    # delete_cache: served images are removed after an hour, so a long-running Space does not fill its disk.
+    with gr.Blocks(title="PaDiM anomaly detection", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# PaDiM anomaly detection\nUpload a photo of a part (or pick an example): the heatmap shows where it "
+            "differs from the defect-free images the model was fitted on."
+        )
+        if detector is None:
+            gr.Markdown(f"### No model loaded\n{message}", elem_id="no-model")
+            thresholds = Thresholds(image=1.0, pixel=1.0, calibrated=False)
+        else:
+            thresholds = detector.thresholds()
+        maximum = slider_maximum(thresholds)
+        with gr.Row():
+            with gr.Column():
+                # type="filepath" with image_mode=None hands over the upload undecoded: load_image decodes it once,
+                # downscaling huge images, and reports unreadable files as messages.
+                image = readable_upload_errors(
+                    gr.Image(
+                        label="Image",
+                        type="filepath",
+                        image_mode=None,
+                        sources=["upload", "clipboard"],
+                        elem_id="input-image",
+                    )
+                )
+                image_threshold = threshold_slider(
+                    "Verdict threshold (image score)", thresholds.image, maximum, "image-threshold"
+                )
+                pixel_threshold = threshold_slider(
+                    "Mask threshold (pixel score)", thresholds.pixel, maximum, "pixel-threshold"
+                )
+                button = gr.Button("Analyse", variant="primary")
+                examples = sorted(EXAMPLES_DIR.glob("*.png"))
+                if examples:
+                    gr.Examples(
+                        [[str(path)] for path in examples],
+                        inputs=[image],
+                        label="Examples (synthetic fabric)",
+                        elem_id="examples",
+                    )
+            with gr.Column():
+                overlay = gr.Image(
+                    label="Anomaly heatmap (white: mask threshold)", format="png", interactive=False, elem_id="overlay"
+                )
+                with gr.Row():
+                    score = gr.Number(label="Anomaly score", precision=2, interactive=False, elem_id="score")
+                    verdict = gr.Textbox(label="Verdict", interactive=False, elem_id="verdict")
+                mask = gr.Image(
+                    label="Defect mask (pixels at or above the mask threshold)",
+                    format="png",
+                    interactive=False,
+                    elem_id="mask",
+                )
+        if detector is not None:
+            with gr.Accordion("About this model", open=True):
+                gr.Markdown(model_card_markdown(detector), elem_id="model-info")
+        slider_top = gr.State(maximum)
+        gr.on(
+            [image.change, button.click, image_threshold.release, pixel_threshold.release],
+            predict,
+            inputs=[image, image_threshold, pixel_threshold],
+            outputs=[overlay, mask, score, verdict],
+            api_name="analyse",
+        ).success(
+            widen_sliders,
+            inputs=[score, slider_top],
+            outputs=[image_threshold, pixel_threshold, slider_top],
+            api_visibility="private",
+        )
+    return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT)
+
+
+def model_source() -> str:
+    return os.environ.get(MODEL_ENV) or str(DEFAULT_LOCAL_MODEL)
+
+
+def load_detector(source: str) -> tuple[Detector | None, str]:
+    """The detector at `source`, or None and a message saying what went wrong and how to get a model."""
+    if source == str(DEFAULT_LOCAL_MODEL) and not DEFAULT_LOCAL_MODEL.exists():
+        if os.environ.get("SPACE_ID"):  # running on Hugging Face: the fix is a Space setting, not a local command
+            return None, (
+                f"This Space has no model configured: set the Space variable `{MODEL_ENV}` to a PaDiM model repo id."
+            )
+        return None, f"No model at `{DEFAULT_LOCAL_MODEL}`. {HOW_TO_MAKE_A_MODEL}"
+    try:
+        return Detector.load(source), ""
+    except Exception as error:  # any loading failure is reported in the UI, the app still starts
+        logger.exception("could not load %s", source)
+        return None, f"Could not load the model `{source}`: {type(error).__name__}: {error}\n\n{HOW_TO_MAKE_A_MODEL}"
+
+
+DETECTOR, LOAD_MESSAGE = load_detector(model_source())
+demo = build_demo(DETECTOR, LOAD_MESSAGE)
+
+if __name__ == "__main__":
+    demo.launch(max_file_size="50mb")
