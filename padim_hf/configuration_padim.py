@@ -81,6 +81,10 @@ class PadimConfig(PreTrainedConfig):
     metrics: dict | None = None
 
     def __post_init__(self, **kwargs):
+        if __name__ == "padim_hf.configuration_padim":
+            # config.json names the pipeline code for trust_remote_code users; with the package installed the
+            # registered "anomaly-detection" pipeline serves instead (else transformers demands trust_remote_code).
+            kwargs.pop("custom_pipelines", None)
         self.layers = sorted(self.layers)
         stage_channels = backbone_stage_channels(self.backbone)
         unknown = [layer for layer in self.layers if not 0 <= layer < len(stage_channels)]

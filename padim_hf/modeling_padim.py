@@ -135,11 +135,54 @@ class PadimModel(PadimPreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
-        """Saves config, weights and Gaussian (safetensors), and the matching image processor."""
-        from .image_processing_padim import PadimImageProcessor
+        """Saves config, weights and Gaussian (safetensors), the matching image processor, and the
+        "anomaly-detection" pipeline code (named in config.json's `custom_pipelines` for `trust_remote_code` users)."""
+        from transformers.dynamic_module_utils import custom_object_save
 
-        super().save_pretrained(save_directory, *args, **kwargs)
+        from .image_processing_padim import PadimImageProcessor
+        from .pipeline_padim import CUSTOM_PIPELINE_INFO, AnomalyDetectionPipeline
+
+        # Only on disk: with padim_hf installed the registered pipeline serves the task (see PadimConfig).
+        self.config.custom_pipelines = CUSTOM_PIPELINE_INFO
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del self.config.custom_pipelines
         PadimImageProcessor.from_padim_config(self.config).save_pretrained(save_directory)
+        custom_object_save(AnomalyDetectionPipeline, save_directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """Saves the model (weights, image processor, code, pipeline) with a generated model card and uploads it in
+        one commit (see `padim_hf.hub.push_model`). Returns the `CommitInfo`."""
+        import tempfile
+
+        from .hub import push_model_commit
+
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory, max_shard_size=max_shard_size)
+            return push_model_commit(
+                directory,
+                repo_id,
+                private=bool(private),
+                revision=revision,
+                token=token,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                create_pr=create_pr,
+                tags=tags,
+            )
 
     def state_dict(self, *args, **kwargs) -> dict:
         state = super().state_dict(*args, **kwargs)

@@ -1,0 +1,94 @@
+"""The "anomaly-detection" pipeline: image(s) in, score, label, anomaly map and mask per image out.
+
+This file is copied next to every saved model and named in its config's `custom_pipelines`, so it must not import
+padim_hf: users without the package load it with `trust_remote_code=True`.
+"""
+
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+from transformers import Pipeline
+from transformers.image_utils import load_image
+
+TASK = "anomaly-detection"
+# What config.json's `custom_pipelines` names (see PadimModel.save_pretrained); `pt` are transformers class names.
+CUSTOM_PIPELINE_INFO = {TASK: {"impl": "pipeline_padim.AnomalyDetectionPipeline", "pt": ["AutoModel"], "type": "image"}}
+
+
+def open_image(image) -> PIL.Image.Image:
+    """A PIL image from a PIL image, a local path, a URL or base64 text.
+
+    Local files are opened as they are (not converted to RGB here), so the image processor sees 16-bit and
+    alpha images as they are and converts them properly; EXIF orientation is applied like `load_image` does.
+    """
+    if isinstance(image, PIL.Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+        opened = PIL.Image.open(image)
+        opened.load()
+        return PIL.ImageOps.exif_transpose(opened)
+    if isinstance(image, str):
+        return load_image(image)
+    raise TypeError(f"expected a PIL image, an image path or URL, got {type(image).__name__}")
+
+
+class AnomalyDetectionPipeline(Pipeline):
+    """PaDiM anomaly detection.
+
+    Each image gives a dict:
+        - `score` (`float`): the image anomaly score (maximum of the model's anomaly map).
+        - `label` (`bool` or `None`): `score >= config.image_threshold`; `None` when no threshold is calibrated.
+        - `anomaly_map` (`np.ndarray` of shape `(height, width)`, float32): per-pixel scores at the image's
+          original size (the image processor's `post_process_anomaly_maps`).
+        - `mask` (`np.ndarray` of bool or `None`): `anomaly_map >= config.pixel_threshold`; `None` when uncalibrated.
+
+    Inputs: a PIL image, a local path or URL, or a list of them (then a list of dicts comes back).
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, image_threshold=None, pixel_threshold=None, **kwargs):
+        # Thresholds default to the model's calibrated ones; callers may override them per call.
+        postprocess = {}
+        if image_threshold is not None:
+            postprocess["image_threshold"] = float(image_threshold)
+        if pixel_threshold is not None:
+            postprocess["pixel_threshold"] = float(pixel_threshold)
+        return {}, {}, postprocess
+
+    def preprocess(self, image) -> dict[str, Any]:
+        image = open_image(image)
+        inputs = self.image_processor(image, return_tensors="pt")
+        # (height, width) of the original image, to map the anomaly map back onto it
+        inputs["target_size"] = (image.height, image.width)
+        return inputs
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        target_size = model_inputs.pop("target_size")
+        outputs = self.model(pixel_values=model_inputs["pixel_values"])
+        return {"anomaly_map": outputs.anomaly_map, "pred_score": outputs.pred_score, "target_size": target_size}
+
+    def postprocess(self, model_outputs: dict[str, Any], image_threshold=None, pixel_threshold=None) -> dict[str, Any]:
+        config = self.model.config
+        image_threshold = config.image_threshold if image_threshold is None else image_threshold
+        pixel_threshold = config.pixel_threshold if pixel_threshold is None else pixel_threshold
+        target_size = tuple(int(side) for side in model_outputs["target_size"])
+        anomaly_map = self.image_processor.post_process_anomaly_maps(model_outputs["anomaly_map"].float(), [target_size])[0]
+        anomaly_map = anomaly_map.cpu().numpy().astype(np.float32)
+        score = float(model_outputs["pred_score"].reshape(-1)[0])
+        return {
+            "score": score,
+            "label": None if image_threshold is None else bool(score >= image_threshold),
+            "anomaly_map": anomaly_map,
+            "mask": None if pixel_threshold is None else anomaly_map >= pixel_threshold,
+        }
+
+
+__all__ = ["AnomalyDetectionPipeline", "CUSTOM_PIPELINE_INFO", "TASK"]
