@@ -25,6 +25,18 @@ def is_network_error(error: Exception) -> bool:
     return type(error).__module__.split(".")[0] in ("httpx", "httpx2")
 
 
+def explain_load_error(name_or_path, error: OSError) -> OSError:
+    """A clearer error for loading an uncached repo id under HF_HUB_OFFLINE=1 (transformers only reports that it
+    "couldn't connect"); other errors are returned as they are."""
+    name = str(name_or_path)
+    if not constants.is_offline_mode() or Path(name).exists():
+        return error
+    return OSError(
+        f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+        f"downloading it: load it once while online (or `hf download {name}`), or unset HF_HUB_OFFLINE"
+    )
+
+
 def check_model_directory(model_dir: Path) -> None:
     """Fails clearly unless `model_dir` holds a saved PaDiM model (config, weights, image processor)."""
     if not model_dir.is_dir():
@@ -177,4 +189,4 @@ def push_model(
     return commit.commit_url
 
 
-__all__ = ["HubPushError", "push_model", "push_model_commit"]
+__all__ = ["HubPushError", "explain_load_error", "push_model", "push_model_commit"]

@@ -125,8 +125,16 @@ class PadimModel(PadimPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> "PadimModel":
+        from .hub import explain_load_error
+
         output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except OSError as error:
+            clearer = explain_load_error(args[0] if args else kwargs.get("pretrained_model_name_or_path"), error)
+            if clearer is error:
+                raise
+            raise clearer from error
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(f"checkpoint does not match its config ({model.config.backbone}): {problems}")

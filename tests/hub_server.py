@@ -223,7 +223,8 @@ class Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         url = f"{self.state.url}/{repo_id}"
         if repo_id in self.state.repos:
-            raise HubError(409, "You already created this model repo")
+            # Like the Hub, the conflict answer still names the repo: `create_repo(exist_ok=True)` reads its url.
+            return self.send(409, {"error": "You already created this model repo", "url": url})
         repo = Repo(private=payload.get("visibility", "public") == "private" or bool(payload.get("private")))
         attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
         entry = Entry(len(attributes), self.state.store_blob(attributes), git_blob_oid(attributes), lfs=False)
