@@ -78,13 +78,21 @@ def resolve_token(token: str | None) -> str:
     return token
 
 
-def describe_http_error(error: Exception) -> str:
-    response = getattr(error, "response", None)
-    status = getattr(response, "status_code", None)
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def push_failure_message(error: Exception, model_dir: Path, target: str) -> str:
+    """What went wrong, that nothing changed, and what to do next."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    unchanged = f"Nothing was committed (a Hub commit is all-or-nothing) and {model_dir} is unchanged"
     if status in (401, 403):
-        return f"the Hub refused the token (HTTP {status}): check that it is valid and has write access ({message})"
-    return f"HTTP {status}: {message}" if status else message
+        return (
+            f"push of {model_dir} to {target} failed: the Hub refused the token (HTTP {status}): check that it is "
+            f"valid and has write access to {target.split('/')[0]!r} ({detail}). {unchanged}."
+        )
+    reason = f"HTTP {status}: {detail}" if status else detail
+    return (
+        f"push of {model_dir} to {target} failed: {reason}. {unchanged}; run the same push again to retry "
+        f"(files already uploaded are not sent twice)."
+    )
 
 
 def stale_weight_files(api: HfApi, repo_id: str, revision: str | None, uploading: set[str]) -> list[str]:
@@ -145,11 +153,7 @@ def push_model_commit(
     except Exception as error:
         if not is_network_error(error):
             raise
-        raise HubPushError(
-            f"push of {model_dir} to {target} failed: {describe_http_error(error)}. Nothing was committed (a Hub "
-            f"commit is all-or-nothing) and {model_dir} is unchanged; run the same push again to retry (files "
-            f"already uploaded are not sent twice)."
-        ) from error
+        raise HubPushError(push_failure_message(error, model_dir, target)) from error
 
 
 def push_model(
