@@ -135,9 +135,9 @@ def push_model_commit(
     target = f"{repo_id}" + (f" (branch {revision!r})" if revision else "")
     files = [name for name in local_files(model_dir) if name != CARD_FILE]
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name in files]
-    operations.append(card_operation(model_dir, repo_id, tags))
     try:
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # a bare name gains a namespace
+        operations.append(card_operation(model_dir, repo_id, tags))
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         stale = stale_weight_files(api, repo_id, revision, set(files))

@@ -18,6 +18,8 @@ from .configuration_padim import PadimConfig
 from .gaussian import PatchStatistics, mahalanobis_distances, pack_lower, unpack_lower, whitening_factors
 
 logger = logging.getLogger(__name__)
+# `save_pretrained(push_to_hub=True, ...)` options passed on to `padim_hf.hub.push_model_commit`.
+PUSH_OPTIONS = ("repo_id", "commit_message", "commit_description", "create_pr", "token", "private", "revision")
 
 
 @dataclass
@@ -150,6 +152,9 @@ class PadimModel(PadimPreTrainedModel):
         from .image_processing_padim import PadimImageProcessor
         from .pipeline_padim import CUSTOM_PIPELINE_INFO, AnomalyDetectionPipeline
 
+        # transformers' own push would upload before the processor and pipeline are written, with a generic card.
+        push = kwargs.pop("push_to_hub", False) and kwargs.get("is_main_process", True)
+        hub_options = {key: kwargs.pop(key) for key in PUSH_OPTIONS if key in kwargs}
         # Only on disk: with padim_hf installed the registered pipeline serves the task (see PadimConfig).
         self.config.custom_pipelines = CUSTOM_PIPELINE_INFO
         try:
@@ -158,6 +163,12 @@ class PadimModel(PadimPreTrainedModel):
             del self.config.custom_pipelines
         PadimImageProcessor.from_padim_config(self.config).save_pretrained(save_directory)
         custom_object_save(AnomalyDetectionPipeline, save_directory)
+        if push:
+            from .hub import push_model_commit
+
+            repo_id = hub_options.pop("repo_id", Path(save_directory).name)
+            hub_options["private"] = bool(hub_options.get("private"))
+            push_model_commit(save_directory, repo_id, **hub_options)
 
     def push_to_hub(
         self,

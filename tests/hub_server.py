@@ -217,10 +217,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def create_repo(self) -> None:
         payload = json.loads(self.body())
-        self.require_user()
+        user = self.require_user()
         if payload.get("type", "model") != "model":
             raise HubError(400, "loopback hub only serves model repos")
-        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        # A bare name lands in the token owner's namespace, as on the Hub.
+        repo_id = f"{payload.get('organization') or user}/{payload['name']}"
         url = f"{self.state.url}/{repo_id}"
         if repo_id in self.state.repos:
             # Like the Hub, the conflict answer still names the repo: `create_repo(exist_ok=True)` reads its url.

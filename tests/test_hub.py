@@ -229,6 +229,16 @@ def test_model_push_to_hub_carries_card_processor_and_pipeline(fitted, hub_env):
     assert ModelCard.load("acme/padim-method").data.eval_results  # our card, not transformers' generic one
 
 
+def test_save_pretrained_with_push_to_hub_uploads_everything(fitted, hub_env, tmp_path):
+    model, _ = fitted
+    model.save_pretrained(tmp_path / "padim-saved", push_to_hub=True, revision="v1")
+
+    assert not (tmp_path / "padim-saved" / "README.md").exists()  # the card is generated for the upload only
+    # repo_id defaults to the directory name, like transformers; the Hub puts it in the token owner's namespace
+    repo = hub_env.state.repos["tester/padim-saved"]
+    assert set(repo.commits[repo.branches["v1"]]) >= {"README.md", "preprocessor_config.json", "model.safetensors"}
+
+
 def test_private_repo_needs_a_token(fitted, hub_env, monkeypatch):
     _, directory = fitted
     push_model(directory, "acme/padim-private", private=True)
