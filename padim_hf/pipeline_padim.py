@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import torch
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
@@ -66,8 +67,9 @@ class AnomalyDetectionPipeline(Pipeline):
     def preprocess(self, image) -> dict[str, Any]:
         image = open_image(image)
         inputs = self.image_processor(image, return_tensors="pt")
-        # (height, width) of the original image, to map the anomaly map back onto it
-        inputs["target_size"] = (image.height, image.width)
+        # (height, width) of the original image, to map the anomaly map back onto it; a (1, 2) tensor so that
+        # pipeline batching (batch_size > 1) stacks and splits it like the pixel values.
+        inputs["target_size"] = torch.tensor([[image.height, image.width]])
         return inputs
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +81,7 @@ class AnomalyDetectionPipeline(Pipeline):
         config = self.model.config
         image_threshold = config.image_threshold if image_threshold is None else image_threshold
         pixel_threshold = config.pixel_threshold if pixel_threshold is None else pixel_threshold
-        target_size = tuple(int(side) for side in model_outputs["target_size"])
+        target_size = tuple(int(side) for side in model_outputs["target_size"].reshape(-1).tolist())
         anomaly_map = self.image_processor.post_process_anomaly_maps(model_outputs["anomaly_map"].float(), [target_size])[0]
         anomaly_map = anomaly_map.cpu().numpy().astype(np.float32)
         score = float(model_outputs["pred_score"].reshape(-1)[0])
