@@ -78,15 +78,17 @@ def resolve_token(token: str | None) -> str:
     return token
 
 
-def push_failure_message(error: Exception, model_dir: Path, target: str) -> str:
+def push_failure_message(error: Exception, model_dir: Path, repo_id: str, revision: str | None) -> str:
     """What went wrong, that nothing changed, and what to do next."""
+    target = repo_id + (f" (branch {revision!r})" if revision else "")
+    namespace = repr(repo_id.split("/")[0]) if "/" in repo_id else "your namespace"
     status = getattr(getattr(error, "response", None), "status_code", None)
     detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     unchanged = f"Nothing was committed (a Hub commit is all-or-nothing) and {model_dir} is unchanged"
     if status in (401, 403):
         return (
             f"push of {model_dir} to {target} failed: the Hub refused the token (HTTP {status}): check that it is "
-            f"valid and has write access to {target.split('/')[0]!r} ({detail}). {unchanged}."
+            f"valid and has write access to {namespace} ({detail}). {unchanged}."
         )
     reason = f"HTTP {status}: {detail}" if status else detail
     return (
@@ -132,7 +134,6 @@ def push_model_commit(
     if constants.is_offline_mode():
         raise HubPushError("cannot push while HF_HUB_OFFLINE=1 is set: unset it to reach the Hub")
     api = HfApi(token=resolve_token(token))
-    target = f"{repo_id}" + (f" (branch {revision!r})" if revision else "")
     files = [name for name in local_files(model_dir) if name != CARD_FILE]
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name in files]
     try:
@@ -153,7 +154,7 @@ def push_model_commit(
     except Exception as error:
         if not is_network_error(error):
             raise
-        raise HubPushError(push_failure_message(error, model_dir, target)) from error
+        raise HubPushError(push_failure_message(error, model_dir, repo_id, revision)) from error
 
 
 def push_model(
