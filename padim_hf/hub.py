@@ -120,7 +120,7 @@ def push_model_commit(
     model_dir: str | Path,
     repo_id: str,
     *,
-    private: bool = False,
+    private: bool | None = False,
     revision: str | None = None,
     token: str | None = None,
     commit_message: str | None = None,
@@ -128,7 +128,7 @@ def push_model_commit(
     create_pr: bool = False,
     tags: list[str] | None = None,
 ) -> CommitInfo:
-    """Like `push_model`, returning the `CommitInfo`."""
+    """Like `push_model`, returning the `CommitInfo`; `private=None` leaves new repos at the namespace's default."""
     model_dir = Path(model_dir)
     check_model_directory(model_dir)
     if constants.is_offline_mode():

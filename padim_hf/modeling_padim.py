@@ -167,7 +167,6 @@ class PadimModel(PadimPreTrainedModel):
             from .hub import push_model_commit
 
             repo_id = hub_options.pop("repo_id", Path(save_directory).name)
-            hub_options["private"] = bool(hub_options.get("private"))
             push_model_commit(save_directory, repo_id, **hub_options)
 
     def push_to_hub(
@@ -194,7 +193,7 @@ class PadimModel(PadimPreTrainedModel):
             return push_model_commit(
                 directory,
                 repo_id,
-                private=bool(private),
+                private=private,
                 revision=revision,
                 token=token,
                 commit_message=commit_message,

@@ -99,8 +99,7 @@ def hub_env(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-login" / "stored_tokens"))
     monkeypatch.setattr(transformers_hub, "_hf_api", None)  # transformers caches an HfApi bound to the endpoint
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    yield hub
-    transformers_hub._hf_api = None
+    return hub
 
 
 def anomaly_maps(model: PadimModel, images: list[PIL.Image.Image]) -> torch.Tensor:
