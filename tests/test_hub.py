@@ -17,22 +17,13 @@ from huggingface_hub import ModelCard, constants, hf_hub_download
 from transformers import pipeline
 
 import padim_hf
-from padim_hf import HubPushError, PadimConfig, PadimImageProcessor, PadimModel, push_model
-from padim_hf.weights import export_lite0_weights
+from padim_hf import HubPushError, PadimImageProcessor, PadimModel, push_model
 
-from hub_server import serve
+from .conftest import small_lite0_config
+from .hub_server import serve
 
-HAZELNUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad_reduced" / "hazelnut"
 TOKEN = "hf_loopback_write_token"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def require_hazelnut() -> Path:
-    if HAZELNUT.is_dir():
-        return HAZELNUT
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but the MVTec AD hazelnut images are missing at {HAZELNUT}")
-    pytest.skip(f"MVTec AD hazelnut images not found at {HAZELNUT}")
 
 
 def directory_digest(directory: Path) -> dict[str, str]:
@@ -44,21 +35,17 @@ def directory_digest(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def images() -> dict[str, list[PIL.Image.Image]]:
-    root = require_hazelnut()
-    train = [PIL.Image.open(path).convert("RGB") for path in sorted((root / "train" / "good").glob("*.png"))[:4]]
-    test = [PIL.Image.open(path).convert("RGB") for path in sorted((root / "test" / "crack").glob("*.png"))[:2]]
+def images(hazelnut) -> dict[str, list[PIL.Image.Image]]:
+    train = [PIL.Image.open(path).convert("RGB") for path in sorted((hazelnut / "train" / "good").glob("*.png"))[:4]]
+    test = [PIL.Image.open(path).convert("RGB") for path in sorted((hazelnut / "test" / "crack").glob("*.png"))[:2]]
     return {"train": train, "test": test}
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, images) -> tuple[PadimModel, Path]:
+def fitted(tmp_path_factory, hazelnut, lite0_weights, images) -> tuple[PadimModel, Path]:
     """A small Lite0 PaDiM fitted on 4 hazelnut images at 64 px, calibrated and 'evaluated', saved to disk."""
-    weights = export_lite0_weights(tmp_path_factory.mktemp("weights") / "lite0.safetensors")
-    config = PadimConfig(
-        backbone="tf_efficientnet_lite0", n_features=24, image_size=64, train_dataset=str(HAZELNUT)
-    )
-    model = PadimModel(config).load_backbone_weights(weights)
+    config = small_lite0_config(train_dataset=str(hazelnut))
+    model = PadimModel(config).load_backbone_weights(lite0_weights)
     processor = PadimImageProcessor.from_padim_config(config)
     model.fit([processor(images["train"], return_tensors="pt")["pixel_values"]])
     model.config.image_threshold = 3.0
