@@ -158,21 +158,16 @@ class PadimModel(PadimPreTrainedModel):
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
         """Saves config, weights and Gaussian (safetensors), the matching image processor, and the
-        "anomaly-detection" pipeline code (named in config.json's `custom_pipelines` for `trust_remote_code` users)."""
+        "anomaly-detection" pipeline code (config.json names it in `custom_pipelines` for `trust_remote_code` users)."""
         from transformers.dynamic_module_utils import custom_object_save
 
         from .image_processing_padim import PadimImageProcessor
-        from .pipeline_padim import CUSTOM_PIPELINE_INFO, AnomalyDetectionPipeline
+        from .pipeline_padim import AnomalyDetectionPipeline
 
         # transformers' own push would upload before the processor and pipeline are written, with a generic card.
         push = kwargs.pop("push_to_hub", False) and kwargs.get("is_main_process", True)
         hub_options = {key: kwargs.pop(key) for key in PUSH_OPTIONS if key in kwargs}
-        # Only on disk: with padim_hf installed the registered pipeline serves the task (see PadimConfig).
-        self.config.custom_pipelines = CUSTOM_PIPELINE_INFO
-        try:
-            super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            del self.config.custom_pipelines
+        super().save_pretrained(save_directory, *args, **kwargs)
         PadimImageProcessor.from_padim_config(self.config).save_pretrained(save_directory)
         custom_object_save(AnomalyDetectionPipeline, save_directory)
         if push:

@@ -14,9 +14,7 @@ import torch
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
-TASK = "anomaly-detection"
-# What config.json's `custom_pipelines` names (see PadimModel.save_pretrained); `pt` are transformers class names.
-CUSTOM_PIPELINE_INFO = {TASK: {"impl": "pipeline_padim.AnomalyDetectionPipeline", "pt": ["AutoModel"], "type": "image"}}
+TASK = "anomaly-detection"  # config.json's `custom_pipelines` names this class under the task (PadimConfig.to_dict)
 
 
 def open_image(image) -> PIL.Image.Image:
@@ -93,4 +91,4 @@ class AnomalyDetectionPipeline(Pipeline):
         }
 
 
-__all__ = ["AnomalyDetectionPipeline", "CUSTOM_PIPELINE_INFO", "TASK"]
+__all__ = ["AnomalyDetectionPipeline", "TASK"]

@@ -330,6 +330,15 @@ def test_pipeline_on_pil_images_and_paths(fitted, images, tmp_path):
         check_pipeline_result(result, model, image, rtol=1e-4)  # batched convolutions round differently
 
 
+def test_config_rewritten_in_place_still_names_the_pipeline(fitted, tmp_path):
+    model, directory = fitted
+    loaded = PadimModel.from_pretrained(directory)
+    assert not hasattr(loaded.config, "custom_pipelines")  # else transformers would demand trust_remote_code
+    loaded.config.to_json_file(tmp_path / "config.json", use_diff=True)  # what evaluate does to update metrics
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline_padim.AnomalyDetectionPipeline"
+
+
 def test_pipeline_without_calibration_gives_no_label_or_mask(fitted, images, tmp_path):
     model, _ = fitted
     model.config.image_threshold = model.config.pixel_threshold = None
