@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -150,8 +151,6 @@ def test_pushed_card_parses_and_carries_metrics(fitted, hub_env):
 
 
 def test_existing_readme_and_gallery_are_pushed_as_they_are(fitted, hub_env, tmp_path):
-    import shutil
-
     _, directory = fitted
     copy = tmp_path / "with-gallery"
     shutil.copytree(directory, copy)
@@ -409,3 +408,36 @@ def test_trust_remote_code_without_the_package(fitted, images, hub_env, tmp_path
     score, full_size_map = expected_outputs(model, images["test"][0])
     assert float(remote["score"]) == pytest.approx(score, rel=1e-6)
     np.testing.assert_allclose(remote["pipeline_map"], full_size_map, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_push_configured_by_environment(fitted, hub_env, tmp_path):
+    """`padim-hf push` in a fresh process that finds the Hub through HF_ENDPOINT and the token through HF_TOKEN."""
+    _, directory = fitted
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub_env.url,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": TOKEN,
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    command = [sys.executable, "-m", "padim_hf.cli", "push", str(directory), "acme/padim-cli", "--revision", "rc1"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    repo = hub_env.state.repos["acme/padim-cli"]
+    assert completed.stdout.strip().endswith(f"/acme/padim-cli/commit/{repo.branches['rc1']}")
+    assert set(repo.commits[repo.branches["main"]]) == {".gitattributes"}  # the branch got the model, main did not
+    assert PadimModel.from_pretrained("acme/padim-cli", revision="rc1").config.num_train_images == 4
+
+    # A server failure reaches the user as one clear line and a non-zero exit status.
+    changed = tmp_path / "changed"
+    shutil.copytree(directory, changed)
+    (changed / "notes.txt").write_text("calibrated on line 3\n")  # a change, so the client has a commit to send
+    hub_env.state.fail_next("commit")
+    command[4] = str(changed)
+    failed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1
+    assert "padim-hf push: error: push of" in failed.stderr and "run the same push again" in failed.stderr
+    assert "notes.txt" not in repo.commits[repo.branches["rc1"]]
