@@ -144,6 +144,8 @@ def evaluation_section(config: PadimConfig) -> str:
     if dataset.get("config"):
         where += f" / {dataset['config']}"
     where += f", split `{dataset.get('split') or 'test'}`"
+    if metrics.get("num_images"):
+        where += f" ({metrics['num_images']} images)"
     rows = "\n".join(
         f"| {label} | {float(metrics[key]):.4f} |" for key, (_, label, _) in METRIC_NAMES.items() if metrics.get(key) is not None
     )

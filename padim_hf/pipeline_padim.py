@@ -34,11 +34,22 @@ def open_image(image) -> PIL.Image.Image:
     raise TypeError(f"expected a PIL image, an image path or URL, got {type(image).__name__}")
 
 
+def normalized_score(score: float, config) -> float | None:
+    """`score` in [0, 1] with the calibrated image threshold at 0.5 (padim_hf.postprocess.normalized_score; repeated
+    here because this file cannot import padim_hf), or None when the model has not been evaluated."""
+    if None in (config.image_threshold, config.score_min, config.score_max):
+        return None
+    spread = max(config.score_max - config.score_min, 1e-12)
+    return float(min(max((score - config.image_threshold) / spread + 0.5, 0.0), 1.0))
+
+
 class AnomalyDetectionPipeline(Pipeline):
     """PaDiM anomaly detection.
 
     Each image gives a dict:
         - `score` (`float`): the image anomaly score (maximum of the model's anomaly map).
+        - `normalized_score` (`float` or `None`): `score` mapped to [0, 1] with the image threshold at 0.5, from the
+          score range evaluation recorded (`None` before evaluation); as `padim-hf predict` reports it.
         - `label` (`bool` or `None`): `score >= config.image_threshold`; `None` when no threshold is calibrated.
         - `anomaly_map` (`np.ndarray` of shape `(height, width)`, float32): per-pixel scores at the image's
           original size (the image processor's `post_process_anomaly_maps`).
@@ -85,6 +96,7 @@ class AnomalyDetectionPipeline(Pipeline):
         score = float(model_outputs["pred_score"].reshape(-1)[0])
         return {
             "score": score,
+            "normalized_score": normalized_score(score, config),
             "label": None if image_threshold is None else bool(score >= image_threshold),
             "anomaly_map": anomaly_map,
             "mask": None if pixel_threshold is None else anomaly_map >= pixel_threshold,

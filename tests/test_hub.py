@@ -19,6 +19,7 @@ from transformers import pipeline
 
 import padim_hf
 from padim_hf import HubPushError, PadimImageProcessor, PadimModel, push_model
+from padim_hf.postprocess import normalized_score
 
 from .conftest import small_lite0_config
 from .hub_server import serve
@@ -51,6 +52,7 @@ def fitted(tmp_path_factory, hazelnut, lite0_weights, images) -> tuple[PadimMode
     model.fit([processor(images["train"], return_tensors="pt")["pixel_values"]])
     model.config.image_threshold = 3.0
     model.config.pixel_threshold = 2.5
+    model.config.score_min, model.config.score_max = 1.0, 5.0
     model.config.metrics = {
         "image_auroc": 0.875,
         "pixel_auroc": 0.9625,
@@ -58,6 +60,7 @@ def fitted(tmp_path_factory, hazelnut, lite0_weights, images) -> tuple[PadimMode
         "image_f1_max": 0.9,
         "pixel_f1_max": 0.4,
         "dataset": {"name": "mvtec_ad_reduced/hazelnut", "config": "hazelnut", "split": "test"},
+        "num_images": 2,
     }
     directory = tmp_path_factory.mktemp("model") / "padim-hazelnut"
     model.save_pretrained(directory)
@@ -147,6 +150,7 @@ def test_pushed_card_parses_and_carries_metrics(fitted, hub_env):
     assert results["Pixel AUROC"].dataset_split == "test"
     assert "Fitted on **4** defect-free images" in card.text
     assert "| Pixel AUPRO | 0.8125 |" in card.text
+    assert "On mvtec_ad_reduced/hazelnut / hazelnut, split `test` (2 images):" in card.text
     assert "arXiv 2011.08785" in card.text
 
 
@@ -297,6 +301,7 @@ def expected_outputs(model: PadimModel, image: PIL.Image.Image) -> tuple[float, 
 def check_pipeline_result(result: dict, model: PadimModel, image: PIL.Image.Image, rtol: float = 1e-6) -> None:
     score, anomaly_map = expected_outputs(model, image)
     assert result["score"] == pytest.approx(score, rel=rtol)
+    assert result["normalized_score"] == pytest.approx(float(normalized_score(score, model.config)), rel=rtol)
     assert result["label"] is (score >= model.config.image_threshold)
     assert result["anomaly_map"].shape == (image.height, image.width)
     np.testing.assert_allclose(result["anomaly_map"], anomaly_map, rtol=rtol)
@@ -346,7 +351,7 @@ def test_pipeline_without_calibration_gives_no_label_or_mask(fitted, images, tmp
     finally:
         model.config.image_threshold, model.config.pixel_threshold = 3.0, 2.5
     result = pipeline("anomaly-detection", model=str(tmp_path / "uncalibrated"))(images["test"][0])
-    assert result["label"] is None and result["mask"] is None
+    assert result["label"] is None and result["mask"] is None and result["normalized_score"] is None
     assert result["score"] == pytest.approx(expected_outputs(model, images["test"][0])[0], rel=1e-6)
 
 
