@@ -15,6 +15,7 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 
 TASK = "anomaly-detection"  # config.json's `custom_pipelines` names this class under the task (PadimConfig.to_dict)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 def open_image(image) -> PIL.Image.Image:
@@ -29,6 +30,9 @@ def open_image(image) -> PIL.Image.Image:
         opened = PIL.Image.open(image)
         opened.load()
         return PIL.ImageOps.exif_transpose(opened)
+    looks_like_file = isinstance(image, str) and os.path.splitext(image)[1].lower() in IMAGE_SUFFIXES
+    if isinstance(image, os.PathLike) or (looks_like_file and not image.startswith(("http://", "https://"))):
+        raise FileNotFoundError(f"image file not found: {image}")
     if isinstance(image, str):
         return load_image(image)
     raise TypeError(f"expected a PIL image, an image path or URL, got {type(image).__name__}")

@@ -169,6 +169,9 @@ class Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Code": error.code} if error.code else {}
             headers["X-Error-Message"] = error.message
             self.send(error.status, {"error": error.message}, headers=headers, head=method == "HEAD")
+        except Exception as error:  # a bug in this server: answer, so the client reports it instead of hanging
+            message = f"loopback hub bug: {type(error).__name__}: {error}"
+            self.send(500, {"error": message}, headers={"X-Error-Message": message}, head=method == "HEAD")
 
     def do_GET(self):
         self.handle_any("GET")

@@ -329,6 +329,8 @@ def test_pipeline_on_pil_images_and_paths(fitted, images, tmp_path):
         check_pipeline_result(result, model, image)
     single = detector(str(paths[0]))
     assert single["score"] == pytest.approx(results[0]["score"], rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="image file not found: .*missing.png"):
+        detector(str(tmp_path / "missing.png"))
     batched = detector(test_images, batch_size=2)  # images of different sizes share batches
     for result, image in zip(batched, test_images):
         check_pipeline_result(result, model, image, rtol=1e-4)  # batched convolutions round differently
