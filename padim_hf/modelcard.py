@@ -108,7 +108,12 @@ def intro_section(config: PadimConfig, model_name: str) -> str:
 
 
 def training_section(config: PadimConfig) -> str:
-    source = f"`{config.train_dataset}`" if config.train_dataset else "an unrecorded source"
+    if is_hub_dataset_id(config.train_dataset):
+        source = f"[{config.train_dataset}](https://huggingface.co/datasets/{config.train_dataset})"
+    elif config.train_dataset:  # a local folder: its name says what it is, its full path says nothing to readers
+        source = f"the local folder `{dataset_label(config.train_dataset)}`"
+    else:
+        source = "an unrecorded source"
     crop = f"centre crop to {config.crop_size} x {config.crop_size}" if config.crop_size else "no crop"
     mean = ", ".join(f"{value:g}" for value in config.image_mean)
     std = ", ".join(f"{value:g}" for value in config.image_std)

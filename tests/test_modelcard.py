@@ -19,7 +19,7 @@ def test_unevaluated_model_has_no_model_index_and_says_so():
     assert card.data.datasets == ["acme/bottle-caps"]  # a Hub dataset id goes into the metadata
     assert card.data.pipeline_tag == "image-segmentation"
     assert "has not been evaluated yet" in card.text
-    assert "Fitted on **12** defect-free images from `acme/bottle-caps`" in card.text
+    assert "Fitted on **12** defect-free images from [acme/bottle-caps](https://huggingface.co/datasets/acme/bottle-caps)" in card.text
     assert "resize to 64 x 64, centre crop to 56 x 56, normalise with mean (0.5, 0.5, 0.5)" in card.text
     assert "| Kept channels (Rd) | 16 of 176, random subset drawn with seed 0 |" in card.text
     assert 'pipeline("anomaly-detection", model="acme/padim-caps", trust_remote_code=True)' in card.text
@@ -39,3 +39,4 @@ def test_local_dataset_paths_stay_out_of_metadata(tmp_path):
     assert (result.metric_name, result.metric_value, result.dataset_name) == ("Pixel AUROC", 0.97, tmp_path.name)
     assert "pixel threshold 1.25" in card.text
     assert card.data.model_name == "padim-tf_efficientnet_lite0"
+    assert f"from the local folder `{tmp_path.name}`" in card.text and str(tmp_path) not in card.text
