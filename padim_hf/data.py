@@ -102,6 +102,8 @@ def hub_split(
     mapped to 0 for good and 1 otherwise (datasets sorts class names, so "good" is not necessarily 0).
     """
     if is_saved_dataset(Path(name)):
+        if streaming:
+            raise ValueError(f"{name} is a save_to_disk folder, which cannot be streamed; drop --streaming")
         dataset = load_from_disk(name)
         dataset = dataset[split] if hasattr(dataset, "keys") else dataset
     else:
@@ -140,13 +142,20 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
 
 
+def is_mvtec_folder(path: Path) -> bool:
+    """Whether `path` looks like an MVTec AD category: image folders under train/ or test/."""
+    return any((path / split).is_dir() and any(d.is_dir() for d in (path / split).iterdir()) for split in ("train", "test"))
+
+
 def load_split(source: str, split: str, **hub_options) -> Dataset | IterableDataset:
-    """A split from an MVTec-style folder, a saved `datasets` folder, or a Hub dataset id."""
+    """A split from an MVTec-style folder, a saved `datasets` folder, a local copy of a Hub dataset repository,
+    or a Hub dataset id."""
     path = Path(source)
-    if path.is_dir():
-        return hub_split(source, split, **hub_options) if is_saved_dataset(path) else mvtec_split(path, split)
+    if path.is_dir() and not is_saved_dataset(path) and (is_mvtec_folder(path) or not any(path.iterdir())):
+        return mvtec_split(path, split)
     if path.exists() or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"dataset folder not found: {source}")
+        if not path.is_dir():
+            raise FileNotFoundError(f"dataset folder not found: {source}")
     return hub_split(source, split, **hub_options)
 
 

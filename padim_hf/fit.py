@@ -7,7 +7,6 @@ processes, and the main process factorises and writes the model directory atomic
 
 import argparse
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -19,6 +18,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast
+from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -95,22 +95,27 @@ def build_model(args: argparse.Namespace, preset: dict) -> PadimModel:
     return model.load_backbone_weights(None if source == "hub" else source)
 
 
-def training_split(args: argparse.Namespace) -> "Dataset":
+def training_split(args: argparse.Namespace) -> Dataset | IterableDataset:
+    """The good images of the training split; a streamed split is filtered lazily as it is read."""
     dataset = load_split(
         args.data, args.split, config=args.hub_config, image_column=args.image_column,
         mask_column=args.mask_column, label_column=args.label_column, streaming=args.streaming,
     )
-    if not args.streaming:
-        anomalous = sum(1 for label in dataset["label"] if label != 0)
-        if anomalous:
-            logger.warning("ignoring %d images labelled anomalous in the %s split: PaDiM fits good images only", anomalous, args.split)
-            dataset = dataset.filter(lambda row: row["label"] == 0)
+    if args.streaming:
         if args.skip_unreadable:
-            dataset, problems = drop_unreadable(dataset)
-            for problem in problems:
-                logger.warning("skipped: %s", problem)
-        if len(dataset) == 0:
-            raise ValueError(f"the {args.split} split of {args.data} has no usable good images")
+            raise ValueError("--skip-unreadable needs the whole split up front; it cannot be combined with --streaming")
+        logger.info("streaming %s: rows labelled anomalous are left out as they arrive", args.data)
+        return dataset.filter(lambda row: row["label"] == 0)
+    anomalous = sum(1 for label in dataset["label"] if label != 0)
+    if anomalous:
+        logger.warning("ignoring %d images labelled anomalous in the %s split: PaDiM fits good images only", anomalous, args.split)
+        dataset = dataset.filter(lambda row: row["label"] == 0)
+    if args.skip_unreadable:
+        dataset, problems = drop_unreadable(dataset)
+        for problem in problems:
+            logger.warning("skipped: %s", problem)
+    if len(dataset) == 0:
+        raise ValueError(f"the {args.split} split of {args.data} has no usable good images")
     return dataset
 
 

@@ -118,6 +118,18 @@ def test_hub_layout_dataset_gives_the_same_model_and_metrics_as_the_folder(demo_
     assert reports[0] == pytest.approx(reports[1])
 
 
+def test_streamed_hub_repository_layout_gives_the_same_model(demo_data, tmp_path):
+    # A Hub dataset repository as it looks on disk: data/<split>-*.parquet with embedded image bytes.
+    images = sorted((demo_data / "train" / "good").glob("*.png"))
+    rows = {"image": [{"bytes": p.read_bytes(), "path": None} for p in images], "label": [0] * len(images)}
+    features = Features({"image": Image(), "label": Value("int64")})
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet")
+    run_cli("fit", "--data", demo_data, "--output-dir", tmp_path / "from_folder", *FAST_FIT)
+    run_cli("fit", "--data", tmp_path / "repo", "--streaming", "--output-dir", tmp_path / "streamed", *FAST_FIT)
+    torch.testing.assert_close(gaussian_of(tmp_path / "streamed"), gaussian_of(tmp_path / "from_folder"))
+
+
 def test_missing_folder_and_missing_train_good_are_named(tmp_path, capsys):
     for data, message in [(tmp_path / "nowhere", "dataset folder not found"), (tmp_path, "no train/good")]:
         with pytest.raises(SystemExit):
