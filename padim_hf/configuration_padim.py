@@ -1,5 +1,7 @@
 """PaDiM model configuration."""
 
+import copy
+
 import torch
 import timm
 from huggingface_hub.dataclasses import strict
@@ -28,6 +30,13 @@ def draw_feature_indices(n_embedding: int, n_features: int, seed: int) -> list[i
     """A sorted random subset of embedding channels, drawn from a private generator so the global RNG is untouched."""
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n_embedding, generator=generator)[:n_features].tolist())
+
+
+# The "anomaly-detection" pipeline saved beside every model (pipeline_padim.py), named in config.json so users
+# without padim_hf get it with `trust_remote_code=True`; `pt` lists transformers class names.
+CUSTOM_PIPELINES = {
+    "anomaly-detection": {"impl": "pipeline_padim.AnomalyDetectionPipeline", "pt": ["AutoModel"], "type": "image"}
+}
 
 
 @strict
@@ -81,6 +90,11 @@ class PadimConfig(PreTrainedConfig):
     metrics: dict | None = None
 
     def __post_init__(self, **kwargs):
+        if __name__ == "padim_hf.configuration_padim":
+            # config.json names the pipeline code for trust_remote_code users (see to_dict); with the package
+            # installed the registered "anomaly-detection" pipeline serves instead: transformers would otherwise
+            # demand trust_remote_code for a task that config.json names.
+            kwargs.pop("custom_pipelines", None)
         self.layers = sorted(self.layers)
         stage_channels = backbone_stage_channels(self.backbone)
         unknown = [layer for layer in self.layers if not 0 <= layer < len(stage_channels)]
@@ -117,6 +131,13 @@ class PadimConfig(PreTrainedConfig):
         if self.covariance_storage not in ("float32", "float16"):
             raise ValueError(f"covariance_storage must be 'float32' or 'float16', got {self.covariance_storage!r}")
         super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # Written whatever writes config.json (save_pretrained, or evaluate rewriting the config in place), but never
+        # an attribute of the installed package's config (see __post_init__).
+        output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
+        return output
 
     @property
     def input_size(self) -> int:

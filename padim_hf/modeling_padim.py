@@ -18,6 +18,8 @@ from .configuration_padim import PadimConfig
 from .gaussian import PatchStatistics, mahalanobis_distances, pack_lower, unpack_lower, whitening_factors
 
 logger = logging.getLogger(__name__)
+# `save_pretrained(push_to_hub=True, ...)` options passed on to `padim_hf.hub.push_model_commit`.
+PUSH_OPTIONS = ("repo_id", "commit_message", "commit_description", "create_pr", "token", "private", "revision")
 
 
 @dataclass
@@ -129,9 +131,17 @@ class PadimModel(PadimPreTrainedModel):
 
         (transformers would re-initialise missing or mismatched tensors, i.e. silently randomise a backbone.)
         """
+        from .hub import explain_load_error
+
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches ourselves, with names and shapes
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except OSError as error:  # e.g. an uncached repo id under HF_HUB_OFFLINE=1
+            clearer = explain_load_error(args[0] if args else kwargs.get("pretrained_model_name_or_path"), error)
+            if clearer is error:
+                raise
+            raise clearer from error
         problems = []
         if info.get("missing_keys"):
             problems.append(f"missing tensors {sorted(info['missing_keys'])}")
@@ -147,11 +157,57 @@ class PadimModel(PadimPreTrainedModel):
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
-        """Saves config, weights and Gaussian (safetensors), and the matching image processor."""
-        from .image_processing_padim import PadimImageProcessor
+        """Saves config, weights and Gaussian (safetensors), the matching image processor, and the
+        "anomaly-detection" pipeline code (config.json names it in `custom_pipelines` for `trust_remote_code` users)."""
+        from transformers.dynamic_module_utils import custom_object_save
 
+        from .image_processing_padim import PadimImageProcessor
+        from .pipeline_padim import AnomalyDetectionPipeline
+
+        # transformers' own push would upload before the processor and pipeline are written, with a generic card.
+        push = kwargs.pop("push_to_hub", False) and kwargs.get("is_main_process", True)
+        hub_options = {key: kwargs.pop(key) for key in PUSH_OPTIONS if key in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
         PadimImageProcessor.from_padim_config(self.config).save_pretrained(save_directory)
+        custom_object_save(AnomalyDetectionPipeline, save_directory)
+        if push:
+            from .hub import push_model_commit
+
+            repo_id = hub_options.pop("repo_id", Path(save_directory).name)
+            push_model_commit(save_directory, repo_id, **hub_options)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """Saves the model (weights, image processor, code, pipeline) with a generated model card and uploads it in
+        one commit (see `padim_hf.hub.push_model`). Returns the `CommitInfo`."""
+        import tempfile
+
+        from .hub import push_model_commit
+
+        with tempfile.TemporaryDirectory() as directory:
+            self.save_pretrained(directory, max_shard_size=max_shard_size)
+            return push_model_commit(
+                directory,
+                repo_id,
+                private=private,
+                revision=revision,
+                token=token,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                create_pr=create_pr,
+                tags=tags,
+            )
 
     def state_dict(self, *args, **kwargs) -> dict:
         state = super().state_dict(*args, **kwargs)

@@ -1,0 +1,197 @@
+"""Share fitted PaDiM models on the Hugging Face Hub: push a saved model directory in one commit, load by repo id."""
+
+import json
+from pathlib import Path
+
+from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+from .modelcard import model_card_for_directory
+
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
+REQUIRED_FILES = ("config.json", "preprocessor_config.json")
+CARD_FILE = "README.md"
+
+
+class HubPushError(RuntimeError):
+    """A push failed; the Hub commit is atomic, so the repository is as it was before."""
+
+
+def is_network_error(error: Exception) -> bool:
+    """HTTP errors of the Hub and transport errors of its HTTP client (httpx2 in huggingface_hub 2.x, httpx in
+    1.x), matched by module so this file, shipped with models as remote code, imports neither."""
+    if isinstance(error, (HfHubHTTPError, OSError)):
+        return True
+    return type(error).__module__.split(".")[0] in ("httpx", "httpx2")
+
+
+def explain_load_error(name_or_path, error: OSError) -> OSError:
+    """A clearer error for loading an uncached repo id under HF_HUB_OFFLINE=1 (transformers only reports that it
+    "couldn't connect"); other errors are returned as they are."""
+    name = str(name_or_path)
+    if not constants.is_offline_mode() or Path(name).exists():
+        return error
+    return OSError(
+        f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+        f"downloading it: load it once while online (or `hf download {name}`), or unset HF_HUB_OFFLINE"
+    )
+
+
+def check_model_directory(model_dir: Path) -> None:
+    """Fails clearly unless `model_dir` holds a saved PaDiM model (config, weights, image processor)."""
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    missing = [name for name in REQUIRED_FILES if not (model_dir / name).is_file()]
+    if not any(path.name.endswith(WEIGHT_SUFFIXES) for path in model_dir.iterdir()):
+        missing.append("model.safetensors (or a sharded index)")
+    if missing:
+        raise FileNotFoundError(
+            f"{model_dir} is not a saved PaDiM model: missing {', '.join(missing)} (write it with model.save_pretrained)"
+        )
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if model_type != "padim":
+        raise ValueError(f"{model_dir}/config.json has model_type {model_type!r}, expected 'padim'")
+
+
+def local_files(model_dir: Path) -> list[str]:
+    """Repository paths of the files to upload: everything except hidden files, caches and partial writes."""
+    paths = []
+    for path in sorted(model_dir.rglob("*")):
+        relative = path.relative_to(model_dir)
+        if not path.is_file() or any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+            continue
+        if path.suffix in (".tmp", ".lock", ".pyc"):
+            continue
+        paths.append(relative.as_posix())
+    return paths
+
+
+def resolve_token(token: str | None) -> str:
+    """The explicit token, else HF_TOKEN / the `hf auth login` cache; a push cannot work without one."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubPushError(
+            "pushing needs a Hugging Face write token: set HF_TOKEN, run `hf auth login`, or pass token=..."
+        )
+    return token
+
+
+def push_failure_message(error: Exception, model_dir: Path, repo_id: str, revision: str | None) -> str:
+    """What went wrong, that nothing changed, and what to do next."""
+    target = repo_id + (f" (branch {revision!r})" if revision else "")
+    namespace = repr(repo_id.split("/")[0]) if "/" in repo_id else "your namespace"
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    unchanged = f"Nothing was committed (a Hub commit is all-or-nothing) and {model_dir} is unchanged"
+    if status in (401, 403):
+        return (
+            f"push of {model_dir} to {target} failed: the Hub refused the token (HTTP {status}): check that it is "
+            f"valid and has write access to {namespace} ({detail}). {unchanged}."
+        )
+    reason = f"HTTP {status}: {detail}" if status else detail
+    return (
+        f"push of {model_dir} to {target} failed: {reason}. {unchanged}; run the same push again to retry "
+        f"(files already uploaded are not sent twice)."
+    )
+
+
+def stale_weight_files(api: HfApi, repo_id: str, revision: str | None, uploading: set[str]) -> list[str]:
+    """Weight files already in the repo that this push does not replace: left behind they could be loaded
+    instead of the new ones (a single `model.safetensors` wins over a shard index, and vice versa)."""
+    try:
+        remote = api.list_repo_files(repo_id, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return []
+    return [path for path in remote if path.endswith(WEIGHT_SUFFIXES) and path not in uploading]
+
+
+def card_operation(model_dir: Path, repo_id: str, tags: list[str] | None) -> CommitOperationAdd:
+    """README.md: the directory's own card when it has one, else one generated from its config (the local
+    directory is not modified)."""
+    if (model_dir / CARD_FILE).is_file():
+        return CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(model_dir / CARD_FILE))
+    card = model_card_for_directory(model_dir, repo_id, tags=tags)
+    return CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(card).encode())
+
+
+def push_model_commit(
+    model_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    create_pr: bool = False,
+    tags: list[str] | None = None,
+) -> CommitInfo:
+    """Like `push_model`, returning the `CommitInfo`; `private=None` leaves new repos at the namespace's default."""
+    model_dir = Path(model_dir)
+    check_model_directory(model_dir)
+    if constants.is_offline_mode():
+        raise HubPushError("cannot push while HF_HUB_OFFLINE=1 is set: unset it to reach the Hub")
+    api = HfApi(token=resolve_token(token))
+    files = [name for name in local_files(model_dir) if name != CARD_FILE]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name in files]
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # a bare name gains a namespace
+        operations.append(card_operation(model_dir, repo_id, tags))
+        if revision is not None and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        stale = stale_weight_files(api, repo_id, revision, set(files))
+        operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
+        return api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=commit_message or "Upload PaDiM model",
+            commit_description=commit_description,
+            revision=revision,
+            create_pr=create_pr,
+        )
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        raise HubPushError(push_failure_message(error, model_dir, repo_id, revision)) from error
+
+
+def push_model(
+    model_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Uploads a model directory written by `PadimModel.save_pretrained` to the Hub in a single commit.
+
+    Everything in the directory goes up: config.json (with `auto_map`, `custom_pipelines`), the safetensors weights
+    (sharded or not), preprocessor_config.json, the code files for `trust_remote_code=True` users, and any extra
+    file such as `gallery.png`. The model card is the directory's README.md, or one generated from the config
+    (metrics included) when there is none. Weight files of an earlier push that this one does not replace are
+    deleted in the same commit.
+
+    Args:
+        model_dir: the saved model directory; it is never modified.
+        repo_id: `"org/name"`; the repo is created when missing (`private` only applies then).
+        revision: branch to commit to, created from `main` when missing.
+        token: write token; defaults to HF_TOKEN or the `hf auth login` cache.
+        commit_message: defaults to "Upload PaDiM model".
+
+    Returns:
+        The URL of the new commit.
+
+    Raises:
+        FileNotFoundError / ValueError: `model_dir` is not a saved PaDiM model.
+        HubPushError: no token, offline mode, or the Hub refused or failed the push (nothing is committed then).
+    """
+    commit = push_model_commit(
+        model_dir, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
+    )
+    return commit.commit_url
+
+
+__all__ = ["HubPushError", "explain_load_error", "push_model", "push_model_commit"]

@@ -1,0 +1,110 @@
+"""The "anomaly-detection" pipeline: image(s) in, score, label, anomaly map and mask per image out.
+
+This file is copied next to every saved model and named in its config's `custom_pipelines`, so it must not import
+padim_hf: users without the package load it with `trust_remote_code=True`.
+"""
+
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from transformers import Pipeline
+from transformers.image_utils import load_image
+
+TASK = "anomaly-detection"  # config.json's `custom_pipelines` names this class under the task (PadimConfig.to_dict)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def open_image(image) -> PIL.Image.Image:
+    """A PIL image from a PIL image, a local path, a URL or base64 text.
+
+    Local files are opened as they are (not converted to RGB here), so the image processor sees 16-bit and
+    alpha images as they are and converts them properly; EXIF orientation is applied like `load_image` does.
+    """
+    if isinstance(image, PIL.Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+        opened = PIL.Image.open(image)
+        opened.load()
+        return PIL.ImageOps.exif_transpose(opened)
+    looks_like_file = isinstance(image, str) and os.path.splitext(image)[1].lower() in IMAGE_SUFFIXES
+    if isinstance(image, os.PathLike) or (looks_like_file and not image.startswith(("http://", "https://"))):
+        raise FileNotFoundError(f"image file not found: {image}")
+    if isinstance(image, str):
+        return load_image(image)
+    raise TypeError(f"expected a PIL image, an image path or URL, got {type(image).__name__}")
+
+
+def normalized_score(score: float, config) -> float | None:
+    """`score` in [0, 1] with the calibrated image threshold at 0.5 (padim_hf.postprocess.normalized_score; repeated
+    here because this file cannot import padim_hf), or None when the model has not been evaluated."""
+    if None in (config.image_threshold, config.score_min, config.score_max):
+        return None
+    spread = max(config.score_max - config.score_min, 1e-12)
+    return float(min(max((score - config.image_threshold) / spread + 0.5, 0.0), 1.0))
+
+
+class AnomalyDetectionPipeline(Pipeline):
+    """PaDiM anomaly detection.
+
+    Each image gives a dict:
+        - `score` (`float`): the image anomaly score (maximum of the model's anomaly map).
+        - `normalized_score` (`float` or `None`): `score` mapped to [0, 1] with the image threshold at 0.5, from the
+          score range evaluation recorded (`None` before evaluation); as `padim-hf predict` reports it.
+        - `label` (`bool` or `None`): `score >= config.image_threshold`; `None` when no threshold is calibrated.
+        - `anomaly_map` (`np.ndarray` of shape `(height, width)`, float32): per-pixel scores at the image's
+          original size (the image processor's `post_process_anomaly_maps`).
+        - `mask` (`np.ndarray` of bool or `None`): `anomaly_map >= config.pixel_threshold`; `None` when uncalibrated.
+
+    Inputs: a PIL image, a local path or URL, or a list of them (then a list of dicts comes back).
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_video_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, image_threshold=None, pixel_threshold=None, **kwargs):
+        # Thresholds default to the model's calibrated ones; callers may override them per call.
+        postprocess = {}
+        if image_threshold is not None:
+            postprocess["image_threshold"] = float(image_threshold)
+        if pixel_threshold is not None:
+            postprocess["pixel_threshold"] = float(pixel_threshold)
+        return {}, {}, postprocess
+
+    def preprocess(self, image) -> dict[str, Any]:
+        image = open_image(image)
+        inputs = self.image_processor(image, return_tensors="pt")
+        # (height, width) of the original image, to map the anomaly map back onto it; a (1, 2) tensor so that
+        # pipeline batching (batch_size > 1) stacks and splits it like the pixel values.
+        inputs["target_size"] = torch.tensor([[image.height, image.width]])
+        return inputs
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        target_size = model_inputs.pop("target_size")
+        outputs = self.model(pixel_values=model_inputs["pixel_values"])
+        return {"anomaly_map": outputs.anomaly_map, "pred_score": outputs.pred_score, "target_size": target_size}
+
+    def postprocess(self, model_outputs: dict[str, Any], image_threshold=None, pixel_threshold=None) -> dict[str, Any]:
+        config = self.model.config
+        image_threshold = config.image_threshold if image_threshold is None else image_threshold
+        pixel_threshold = config.pixel_threshold if pixel_threshold is None else pixel_threshold
+        target_size = tuple(int(side) for side in model_outputs["target_size"].reshape(-1).tolist())
+        anomaly_map = self.image_processor.post_process_anomaly_maps(model_outputs["anomaly_map"].float(), [target_size])[0]
+        anomaly_map = anomaly_map.cpu().numpy().astype(np.float32)
+        score = float(model_outputs["pred_score"].reshape(-1)[0])
+        return {
+            "score": score,
+            "normalized_score": normalized_score(score, config),
+            "label": None if image_threshold is None else bool(score >= image_threshold),
+            "anomaly_map": anomaly_map,
+            "mask": None if pixel_threshold is None else anomaly_map >= pixel_threshold,
+        }
+
+
+__all__ = ["AnomalyDetectionPipeline", "TASK"]
