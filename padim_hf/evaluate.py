@@ -23,6 +23,15 @@ from .postprocess import overlay_heatmap
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max")
 
 
+def load_fitted(name: str, cpu: bool = False) -> tuple[PadimModel, PadimImageProcessor]:
+    """A fitted model (local directory or Hub repo id) on the GPU when there is one, and its image processor."""
+    if name.startswith((".", "/", "~")) and not Path(name).is_dir():
+        raise FileNotFoundError(f"model directory not found: {name}")
+    model = PadimModel.from_pretrained(name)
+    model.to("cpu" if cpu or not torch.cuda.is_available() else "cuda")
+    return model, PadimImageProcessor.from_pretrained(name)
+
+
 @torch.no_grad()
 def predict_split(model: PadimModel, processor: PadimImageProcessor, dataset, batch_size: int, with_masks: bool) -> dict:
     """Scores, labels, paths and (with masks) ground truth and maps at each image's original size."""
@@ -93,10 +102,7 @@ def update_config_file(model_dir: Path, model: PadimModel) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    model = PadimModel.from_pretrained(args.model)
-    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
-    model.to(device)
-    processor = PadimImageProcessor.from_pretrained(args.model)
+    model, processor = load_fitted(args.model, args.cpu)
     dataset = load_split(
         args.data, args.split, config=args.hub_config, image_column=args.image_column,
         mask_column=args.mask_column, label_column=args.label_column,

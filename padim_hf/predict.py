@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Collator, decode_image, image_list
-from .image_processing_padim import PadimImageProcessor
-from .modeling_padim import PadimModel
+from .evaluate import load_fitted
 from .postprocess import normalized_score, overlay_heatmap
 
 
@@ -25,9 +24,7 @@ def output_names(paths: list[str]) -> list[str]:
 
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> list[dict]:
-    model = PadimModel.from_pretrained(args.model)
-    model.to("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
-    processor = PadimImageProcessor.from_pretrained(args.model)
+    model, processor = load_fitted(args.model, args.cpu)
     dataset = image_list(args.inputs)
     names = output_names(dataset["path"])
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -139,6 +139,12 @@ def test_missing_folder_and_missing_train_good_are_named(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_missing_model_directory_is_named(demo_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_cli("evaluate", "--model", tmp_path / "no_model", "--data", demo_data, "--cpu")
+    assert f"model directory not found: {tmp_path / 'no_model'}" in capsys.readouterr().err
+
+
 def test_corrupt_training_image_fails_naming_it_and_leaves_no_model(demo_data, tmp_path, capsys):
     data = Path(shutil.copytree(demo_data, tmp_path / "data"))
     (data / "train" / "good" / "003.png").write_bytes(b"not an image")
