@@ -15,7 +15,14 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_padim import PadimConfig
-from .gaussian import PatchStatistics, mahalanobis_distances, pack_lower, unpack_lower, whitening_factors
+from .gaussian import (
+    FINALISE_CHUNK,
+    PatchStatistics,
+    mahalanobis_distances,
+    pack_lower,
+    unpack_lower,
+    whitening_factors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +68,9 @@ def create_backbone(config: PadimConfig, weights_file: str | None = None, pretra
 class PadimGaussian(nn.Module):
     """Per-position Gaussians: `mean` (P, C) and the packed lower-triangular whitening factor W (P, C(C+1)/2).
 
-    The packed factor is what the checkpoint stores (half the size of a full matrix, in
-    `config.covariance_storage` dtype); the unpacked float32 factor used for scoring is cached per device.
+    The packed factor is what the checkpoint stores (half the size of a full matrix, in `config.covariance_storage`
+    dtype). The unpacked float32 factor used for scoring is cached: after a fit it holds exactly the stored values
+    (rounded to the storage dtype), so a model scores the same before and after `save_pretrained`/`from_pretrained`.
     """
 
     def __init__(self, num_positions: int, num_features: int):
@@ -72,18 +80,44 @@ class PadimGaussian(nn.Module):
         self.register_buffer("whitening_packed", torch.zeros(num_positions, num_features * (num_features + 1) // 2))
         self._whitening_cache: tuple[tuple, Tensor] | None = None
 
-    def set_(self, mean: Tensor, whitening: Tensor) -> None:
-        self.mean = mean.float().to(self.mean.device)
-        self.whitening_packed = pack_lower(whitening).to(self.whitening_packed.device)
+    def _cache_key(self) -> tuple:
+        packed = self.whitening_packed
+        return (packed.data_ptr(), packed.device, packed._version, packed.dtype)
+
+    def set_(self, mean: Tensor, whitening: Tensor, storage_dtype: torch.dtype = torch.float32) -> None:
+        """Stores mean (P, C) and lower-triangular W (P, C, C).
+
+        The packed buffer takes `storage_dtype`; a float32 `whitening` on the buffers' device is rounded to it in
+        place and kept as the scoring cache (no unpacking, no second (P, C, C) tensor).
+        """
+        device = self.mean.device
+        self.mean = mean.float().to(device)
+        self.whitening_packed = pack_lower(whitening, dtype=storage_dtype).to(device)
         self._whitening_cache = None
+        if whitening.dtype == torch.float32 and whitening.device == device:
+            if storage_dtype != torch.float32:
+                for start in range(0, whitening.shape[0], FINALISE_CHUNK):
+                    block = whitening[start : start + FINALISE_CHUNK]
+                    block.copy_(block.to(storage_dtype))
+            self._whitening_cache = (self._cache_key(), whitening)
 
     def whitening(self) -> Tensor:
         """(P, C, C) float32 whitening factors, unpacked once per buffer version and device."""
-        packed = self.whitening_packed
-        key = (packed.data_ptr(), packed.device, packed._version, packed.dtype)
+        key = self._cache_key()
         if self._whitening_cache is None or self._whitening_cache[0] != key:
-            self._whitening_cache = (key, unpack_lower(packed, self.num_features))
+            self._whitening_cache = None  # free the stale cache before unpacking a new one
+            self._whitening_cache = (key, unpack_lower(self.whitening_packed, self.num_features))
         return self._whitening_cache[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        cache = self._whitening_cache
+        self._whitening_cache = None
+        result = super()._apply(fn, *args, **kwargs)
+        if cache is not None:  # move the cache with the buffers (`.to(device)`) instead of unpacking it again
+            moved = fn(cache[1])
+            if moved.dtype == torch.float32 and moved.device == self.whitening_packed.device:
+                self._whitening_cache = (self._cache_key(), moved)
+        return result
 
     def distances(self, embedding: Tensor) -> Tensor:
         """(B, h, w) Mahalanobis distances of an embedding (B, C, h, w)."""
@@ -210,18 +244,29 @@ class PadimModel(PadimPreTrainedModel):
         return statistics
 
     @torch.no_grad()
-    def set_gaussian(self, statistics: PatchStatistics | None) -> "PadimModel":
-        """Finalises the Gaussians from accumulated statistics (all positions factorised in batches)."""
+    def set_gaussian(self, statistics: PatchStatistics | None, release_statistics: bool = False) -> "PadimModel":
+        """Finalises the Gaussians from accumulated statistics (all positions factorised in batches).
+
+        `release_statistics=True` finalises in place: the (P, C, C) sums become the whitening factors, which halves
+        peak memory, and `statistics` can no longer be used (its `shifted_outer` is set to None).
+        """
         if statistics is None or statistics.count == 0:
             raise ValueError("no training images were accumulated: the training set is empty")
-        self.gaussian.set_(statistics.mean(), whitening_factors(statistics, self.config.epsilon))
+        mean = statistics.mean()
+        out = None
+        if release_statistics and statistics.shifted_outer.device == self.gaussian.mean.device:
+            out = statistics.shifted_outer
+        whitening = whitening_factors(statistics, self.config.epsilon, out=out)
+        if release_statistics:
+            statistics.shifted_outer = None
+        self.gaussian.set_(mean, whitening, storage_dtype=getattr(torch, self.config.covariance_storage))
         self.config.num_train_images = statistics.count
         return self
 
     def fit(self, batches: Iterable[Tensor | Mapping[str, Tensor]], allow_random_backbone: bool = False) -> "PadimModel":
         """Fits the per-position Gaussians on defect-free images, streamed as batches of `pixel_values`."""
         statistics = self.collect_statistics(batches, allow_random_backbone=allow_random_backbone)
-        return self.set_gaussian(statistics)
+        return self.set_gaussian(statistics, release_statistics=True)
 
     @torch.no_grad()
     def forward(self, pixel_values: Tensor, return_dict: bool | None = None, **kwargs) -> PadimOutput | tuple:
