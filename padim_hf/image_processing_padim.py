@@ -1,5 +1,7 @@
 """Image processor for PaDiM: any image -> RGB -> resize -> (centre crop) -> normalise; maps back to image size."""
 
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import torch
@@ -11,12 +13,24 @@ from transformers.image_utils import PILImageResampling
 from .configuration_padim import PadimConfig
 
 
+def load_image(path: str | Path) -> PIL.Image.Image:
+    """Opens and decodes an image file; an unreadable or corrupt file raises an error naming it."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
 def to_rgb_uint8(image) -> np.ndarray:
-    """(H, W, 3) uint8 array from a PIL image, numpy array or tensor of any common layout and bit depth.
+    """(H, W, 3) uint8 array from a file path, PIL image, numpy array or tensor of any common layout and bit depth.
 
     Grayscale is replicated, alpha is composited on white, 16-bit images are scaled to 8 bits, float images are
     taken to lie in [0, 1]. Channel-first arrays and tensors (C, H, W) with C in {1, 3, 4} are accepted.
     """
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
     if isinstance(image, PIL.Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             image = np.array(image)
@@ -30,12 +44,13 @@ def to_rgb_uint8(image) -> np.ndarray:
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise TypeError(f"expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    original_shape = image.shape
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
         image = np.moveaxis(image, 0, -1)
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
-        raise ValueError(f"expected an image of shape (H, W[, 1|3|4]) or (1|3|4, H, W), got {image.shape}")
+        raise ValueError(f"expected an image of shape (H, W[, 1|3|4]) or (1|3|4, H, W), got {original_shape}")
     if image.dtype == np.uint8:
         pixels = image.astype(np.float32) / 255.0
     elif image.dtype in (np.uint16, np.int32, np.int64) or (image.dtype.kind in "iu" and image.max() > 255):

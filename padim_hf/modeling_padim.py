@@ -159,11 +159,23 @@ class PadimModel(PadimPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> "PadimModel":
+        """transformers' loader, made strict: a checkpoint whose tensors do not match its config is an error.
+
+        (transformers would re-initialise missing or mismatched tensors, i.e. silently randomise a backbone.)
+        """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs["ignore_mismatched_sizes"] = True  # report mismatches ourselves, with names and shapes
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+        problems = []
+        if info.get("missing_keys"):
+            problems.append(f"missing tensors {sorted(info['missing_keys'])}")
+        for key, *shapes in info.get("mismatched_keys") or []:
+            problems.append(f"{key} has shape {tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} from the config")
         if problems:
-            raise ValueError(f"checkpoint does not match its config ({model.config.backbone}): {problems}")
+            raise ValueError(
+                f"checkpoint does not match its config (backbone {model.config.backbone}, "
+                f"n_features {model.config.n_features}, input size {model.config.input_size}): " + "; ".join(problems)
+            )
         model._init_weights(model)
         model.backbone_weights = "checkpoint"
         return (model, info) if output_loading_info else model
@@ -238,9 +250,11 @@ class PadimModel(PadimPreTrainedModel):
         for batch in batches:
             pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
             patches = self.embed(pixel_values.to(device)).flatten(2).permute(2, 0, 1)
-            if statistics is None:
-                statistics = PatchStatistics.from_first_batch(patches)
-            statistics.update(patches)
+            # The statistics stay float32 even under a caller's autocast (mixed precision is for the backbone).
+            with torch.autocast(patches.device.type, enabled=False):
+                if statistics is None:
+                    statistics = PatchStatistics.from_first_batch(patches)
+                statistics.update(patches)
         return statistics
 
     @torch.no_grad()
@@ -273,12 +287,13 @@ class PadimModel(PadimPreTrainedModel):
         if self.config.num_train_images == 0:
             raise RuntimeError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
         embedding = self.embed(pixel_values)
-        distances = self.gaussian.distances(embedding).unsqueeze(1)
-        anomaly_map = F.interpolate(distances, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
-        if self.config.blur_sigma > 0:
-            kernel = 2 * int(4.0 * self.config.blur_sigma + 0.5) + 1
-            anomaly_map = gaussian_blur(anomaly_map, [kernel, kernel], [self.config.blur_sigma] * 2)
-        pred_score = anomaly_map.amax(dim=(1, 2, 3))
+        with torch.autocast(embedding.device.type, enabled=False):  # only the backbone runs in mixed precision
+            distances = self.gaussian.distances(embedding).unsqueeze(1)
+            anomaly_map = F.interpolate(distances, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+            if self.config.blur_sigma > 0:
+                kernel = 2 * int(4.0 * self.config.blur_sigma + 0.5) + 1
+                anomaly_map = gaussian_blur(anomaly_map, [kernel, kernel], [self.config.blur_sigma] * 2)
+            pred_score = anomaly_map.amax(dim=(1, 2, 3))
         pred_label = None if self.config.image_threshold is None else pred_score >= self.config.image_threshold
         output = PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
         return output if return_dict is not False else output.to_tuple()

@@ -1,0 +1,81 @@
+"""Predict on images: heatmap overlays at each image's original resolution plus a table of scores and labels."""
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data import Collator, decode_image, image_list
+from .image_processing_padim import PadimImageProcessor
+from .modeling_padim import PadimModel
+from .postprocess import normalized_score, overlay_heatmap
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """Unique PNG names from image paths: the stem, prefixed by the parent folder when stems collide."""
+    stems = [Path(p).stem for p in paths]
+    return [
+        (f"{Path(p).parent.name}_{stem}" if stems.count(stem) > 1 else stem) + ".png" for p, stem in zip(paths, stems)
+    ]
+
+
+@torch.no_grad()
+def predict(args: argparse.Namespace) -> list[dict]:
+    model = PadimModel.from_pretrained(args.model)
+    model.to("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    processor = PadimImageProcessor.from_pretrained(args.model)
+    dataset = image_list(args.inputs)
+    names = output_names(dataset["path"])
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    rows, index = [], 0
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=Collator(processor))
+    for batch in tqdm(loader, unit="batch", desc="predict"):
+        output = model(batch["pixel_values"].to(model.gaussian.mean.device))
+        maps = processor.post_process_anomaly_maps(output.anomaly_map.cpu(), batch["sizes"])
+        for path, anomaly_map, score in zip(batch["paths"], maps, output.pred_score.cpu().tolist()):
+            # Colour scale: the calibrated score range when known, else this map's own range.
+            vmin = config.score_min if config.score_min is not None else float(anomaly_map.min())
+            vmax = config.score_max if config.score_max is not None else float(anomaly_map.max())
+            image = decode_image(dataset[index]["image"], path)
+            heatmap = args.output_dir / names[index]
+            overlay_heatmap(image, anomaly_map.numpy(), vmin, vmax).save(heatmap)
+            normalized = normalized_score(score, config)
+            rows.append({
+                "path": path,
+                "score": score,
+                "normalized_score": None if normalized is None else float(normalized),
+                "label": None if config.image_threshold is None else ("anomalous" if score >= config.image_threshold else "normal"),
+                "heatmap": str(heatmap),
+            })
+            index += 1
+    (args.output_dir / "predictions.json").write_text(json.dumps(rows, indent=2))
+    with open(args.output_dir / "predictions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory or Hub repo id")
+    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cpu", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="padim-hf predict", description=__doc__)
+    add_predict_arguments(parser)
+    args = parser.parse_args(argv)
+    rows = predict(args)
+    print(f"{len(rows)} heatmaps and predictions.json/.csv in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from datasets import Dataset, Features, Image, Value
+from safetensors.torch import load_file
+
+from padim_hf.cli import main as cli
+from padim_hf.demo import make_demo_dataset
+from padim_hf.fit import atomic_directory
+from padim_hf.gaussian import unpack_lower
+
+FAST_FIT = ["--config", "padim-lite0-offline", "--image-size", "64", "--n-features", "32", "--cpu", "--batch-size", "2"]
+
+
+@pytest.fixture(autouse=True)
+def weights_cache(tmp_path_factory, monkeypatch):
+    # The offline backbone file is exported once per test session, not into the user's home.
+    monkeypatch.setenv("PADIM_HF_CACHE", str(tmp_path_factory.getbasetemp() / "padim-cache"))
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=5, n_test_good=2, n_test_defect=2, size=64)
+
+
+def run_cli(*args: str) -> None:
+    cli([str(a) for a in args])
+
+
+def gaussian_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(model_dir / "model.safetensors").items() if k.startswith("gaussian.")}
+
+
+@pytest.mark.slow
+def test_two_process_fit_equals_one_process_fit(demo_data, tmp_path):
+    # 5 images over 2 processes: shards of 3 and 2, no sample duplicated or dropped.
+    run_cli("fit", "--data", demo_data, "--output-dir", tmp_path / "one", *FAST_FIT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "padim_hf.fit"]
+    subprocess.run([*launch, "--data", str(demo_data), "--output-dir", str(tmp_path / "two"), *FAST_FIT], check=True, env=env)
+    one, two = gaussian_of(tmp_path / "one"), gaussian_of(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["num_train_images"] == 5
+    torch.testing.assert_close(two["gaussian.mean"], one["gaussian.mean"], rtol=1e-5, atol=1e-5)
+    covariances = [covariance_of(model["gaussian.whitening_packed"]) for model in (one, two)]
+    scale = covariances[0].abs().amax(dim=(1, 2), keepdim=True)  # per position, relative to its largest entry
+    assert ((covariances[1] - covariances[0]).abs() / scale).max() < 1e-5
+
+
+def covariance_of(packed: torch.Tensor) -> torch.Tensor:
+    """Sigma = (W^T W)^-1 from a stored whitening factor W, in float64."""
+    channels = int((np.sqrt(8 * packed.shape[-1] + 1) - 1) / 2)
+    whitening = unpack_lower(packed.double(), channels, torch.float64)
+    cholesky = torch.linalg.solve_triangular(whitening, torch.eye(channels, dtype=torch.float64).expand_as(whitening), upper=False)
+    return cholesky @ cholesky.transpose(1, 2)
+
+
+def test_fit_evaluate_predict_on_demo_data(demo_data, tmp_path, capsys):
+    model = tmp_path / "model"
+    run_cli("fit", "--data", demo_data, "--output-dir", model, *FAST_FIT)
+    capsys.readouterr()
+    run_cli("evaluate", "--model", model, "--data", demo_data, "--json", "--cpu")
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) >= {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max"}
+    assert report["pixel_auroc"] > 0.9
+    config = json.loads((model / "config.json").read_text())
+    assert config["image_threshold"] == pytest.approx(report["image_threshold"])
+    assert config["metrics"]["dataset"]["split"] == "test"
+    assert (model / "gallery.png").is_file()
+    wide = tmp_path / "wide.png"
+    PIL.Image.open(demo_data / "test" / "stain" / "000.png").resize((90, 40)).save(wide)
+    run_cli("predict", "--model", model, wide, demo_data / "test" / "good", "--output-dir", tmp_path / "out", "--cpu")
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(rows) == 3 and all(row["label"] in ("normal", "anomalous") for row in rows)
+    assert PIL.Image.open(tmp_path / "out" / "wide.png").size == (90, 40)
+    assert 0.0 <= rows[0]["normalized_score"] <= 1.0
+
+
+def as_saved_hub_dataset(folder: Path, target: Path) -> Path:
+    """The demo folder as a Hub-layout dataset (image + mask + label columns) saved with `save_to_disk`."""
+    features = Features({"image": Image(), "mask": Image(), "label": Value("int64")})
+    splits = {}
+    for split in ("train", "test"):
+        images = sorted((folder / split).glob("*/*.png"))
+        masks = [folder / "ground_truth" / p.parent.name / f"{p.stem}_mask.png" for p in images]
+        splits[split] = Dataset.from_dict(
+            {
+                "image": [str(p) for p in images],
+                "mask": [str(m) if m.exists() else None for m in masks],
+                "label": [int(p.parent.name != "good") for p in images],
+            },
+            features=features,
+        )
+    from datasets import DatasetDict
+
+    DatasetDict(splits).save_to_disk(target)
+    return target
+
+
+def test_hub_layout_dataset_gives_the_same_model_and_metrics_as_the_folder(demo_data, tmp_path, capsys):
+    saved = as_saved_hub_dataset(demo_data, tmp_path / "saved")
+    run_cli("fit", "--data", demo_data, "--output-dir", tmp_path / "from_folder", *FAST_FIT)
+    run_cli("fit", "--data", saved, "--output-dir", tmp_path / "from_hub", *FAST_FIT)
+    torch.testing.assert_close(gaussian_of(tmp_path / "from_hub"), gaussian_of(tmp_path / "from_folder"))
+    capsys.readouterr()
+    reports = []
+    for source in (demo_data, saved):
+        run_cli("evaluate", "--model", tmp_path / "from_folder", "--data", source, "--json", "--no-save", "--cpu")
+        reports.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert reports[0] == pytest.approx(reports[1])
+
+
+def test_missing_folder_and_missing_train_good_are_named(tmp_path, capsys):
+    for data, message in [(tmp_path / "nowhere", "dataset folder not found"), (tmp_path, "no train/good")]:
+        with pytest.raises(SystemExit):
+            run_cli("fit", "--data", data, "--output-dir", tmp_path / "m", *FAST_FIT)
+        error = capsys.readouterr().err
+        assert message in error and str(data) in error
+    assert not (tmp_path / "m").exists()
+
+
+def test_corrupt_training_image_fails_naming_it_and_leaves_no_model(demo_data, tmp_path, capsys):
+    data = Path(shutil.copytree(demo_data, tmp_path / "data"))
+    (data / "train" / "good" / "003.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--data", data, "--output-dir", tmp_path / "model", *FAST_FIT)
+    assert "train/good/003.png" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no model, no partial directory
+    run_cli("fit", "--data", data, "--output-dir", tmp_path / "model", "--skip-unreadable", *FAST_FIT)
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["num_train_images"] == 4
+
+
+def test_mask_of_the_wrong_size_is_named(demo_data, tmp_path, capsys):
+    data = Path(shutil.copytree(demo_data, tmp_path / "data"))
+    PIL.Image.new("L", (32, 32)).save(data / "ground_truth" / "stain" / "001_mask.png")
+    run_cli("fit", "--data", data, "--output-dir", tmp_path / "model", *FAST_FIT)
+    with pytest.raises(SystemExit):
+        run_cli("evaluate", "--model", tmp_path / "model", "--data", data, "--cpu")
+    assert "mask of" in (error := capsys.readouterr().err) and "stain/001.png is 32x32" in error
+
+
+def test_interrupted_write_leaves_neither_model_nor_partial_directory(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, overwrite=False) as staging:
+            (staging / "config.json").write_text("{}")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_offline_preset_on_hazelnut_reaches_paper_level_pixel_auroc(hazelnut, tmp_path, capsys):
+    model = tmp_path / "model"
+    run_cli("fit", "--data", hazelnut, "--output-dir", model, "--config", "padim-lite0-offline", "--cpu")
+    capsys.readouterr()
+    run_cli("evaluate", "--model", model, "--data", hazelnut, "--json", "--cpu")
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["pixel_auroc"] >= 0.97
+    assert report["image_threshold"] is not None
+    assert json.loads((model / "config.json").read_text())["image_threshold"] == pytest.approx(report["image_threshold"])
+    tests = sorted((hazelnut / "test" / "crack").glob("*.png"))
+    run_cli("predict", "--model", model, *tests, "--output-dir", tmp_path / "out", "--cpu")
+    for path in tests:
+        assert PIL.Image.open(tmp_path / "out" / f"{path.stem}.png").size == PIL.Image.open(path).size
