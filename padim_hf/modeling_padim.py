@@ -270,10 +270,13 @@ class PadimModel(PadimPreTrainedModel):
         out = None
         if release_statistics and statistics.shifted_outer.device == self.gaussian.mean.device:
             out = statistics.shifted_outer
-        whitening = whitening_factors(statistics, self.config.epsilon, out=out)
+        storage = getattr(torch, self.config.covariance_storage)
+        # float16 storage rounds W far more than a float32 factorisation does: only float32 storage needs float64.
+        precision = torch.float64 if storage == torch.float32 else torch.float32
+        whitening = whitening_factors(statistics, self.config.epsilon, out=out, dtype=precision)
         if release_statistics:
             statistics.shifted_outer = None
-        self.gaussian.set_(mean, whitening, storage_dtype=getattr(torch, self.config.covariance_storage))
+        self.gaussian.set_(mean, whitening, storage_dtype=storage)
         self.config.num_train_images = statistics.count
         return self
 
