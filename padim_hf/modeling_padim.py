@@ -82,7 +82,8 @@ class PadimGaussian(nn.Module):
 
     def _cache_key(self) -> tuple:
         packed = self.whitening_packed
-        return (packed.data_ptr(), packed.device, packed._version, packed.dtype)
+        version = -1 if packed.is_inference() else packed._version  # inference tensors (inference_mode) have none
+        return (packed.data_ptr(), packed.device, version, packed.dtype)
 
     def set_(self, mean: Tensor, whitening: Tensor, storage_dtype: torch.dtype = torch.float32) -> None:
         """Stores mean (P, C) and lower-triangular W (P, C, C).
