@@ -90,14 +90,13 @@ def synthetic_batches(n_images: int, batch_size: int, size: int, seed: int, devi
         yield torch.randn(count, 3, size, size, generator=generator).to(device)
 
 
-def build_padim_hf(args, device, epsilon=None, storage="float32"):
+def build_padim_hf(args, device, epsilon=None, storage=None):
     import padim_hf
     from padim_hf import PadimConfig, PadimModel
 
     kwargs, _ = CONFIGS[args.config]
-    config = PadimConfig(
-        **kwargs, image_size=args.image_size, epsilon=epsilon or args.epsilon, covariance_storage=storage
-    )
+    storage = {"covariance_storage": storage} if storage else {}  # None: PadimConfig's default
+    config = PadimConfig(**kwargs, image_size=args.image_size, epsilon=epsilon or args.epsilon, **storage)
     model = PadimModel(config)
     if args.config == "lite0" and args.real_weights:
         from padim_hf.weights import export_lite0_weights
@@ -151,6 +150,7 @@ def worker_main(args) -> dict:
     epsilon = ANOMALIB_EPSILON if args.compare_maps else args.epsilon
     ours, padim_file = build_padim_hf(args, device, epsilon=epsilon, storage=args.storage)
     result["padim_hf_file"] = padim_file
+    result["covariance_storage"] = ours.config.covariance_storage
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result["rss_after_setup_bytes"] = _current_rss_bytes()
@@ -289,6 +289,7 @@ def hazelnut_main(args) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 for storage in ("float32", "float16"):
                     # each storage fits on its own: the finalisation precision follows the storage dtype
+                    torch.manual_seed(0)  # same (random-init) backbone weights for both
                     model, _ = build_padim_hf(args, device, epsilon=epsilon, storage=storage)
                     started = time.perf_counter()
                     model.fit(split(train), allow_random_backbone=True)
@@ -408,8 +409,8 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in workers (0: torch default)")
     parser.add_argument("--epsilon", type=float, default=0.01)
-    parser.add_argument("--storage", default="float32", choices=["float32", "float16"],
-                        help="padim_hf covariance_storage for the checkpoint-size measurement")
+    parser.add_argument("--storage", default="", choices=["", "float32", "float16"],
+                        help="padim_hf covariance_storage (default: PadimConfig's default)")
     parser.add_argument("--no-anomalib", action="store_true", help="measure padim_hf only")
     parser.add_argument("--anomalib-max-images", type=int, default=256,
                         help="skip anomalib fits above this N (it keeps every embedding: memory grows with N)")
