@@ -10,7 +10,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.transforms.v2.functional import gaussian_blur
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -63,6 +62,19 @@ def create_backbone(config: PadimConfig, weights_file: str | None = None, pretra
     if last_module.startswith("blocks.") and hasattr(backbone, "blocks"):
         backbone.blocks = backbone.blocks[: int(last_module.split(".")[1]) + 1]
     return backbone.eval().requires_grad_(False)
+
+
+def gaussian_blur_separable(maps: Tensor, kernel_size: int, sigma: float) -> Tensor:
+    """torchvision's `gaussian_blur` (reflect padding, normalised kernel) of (B, 1, H, W) maps as two 1-D passes.
+
+    The same result up to float rounding, at 2k instead of k^2 multiply-adds per pixel (k = 33 for sigma 4).
+    """
+    half = kernel_size // 2
+    x = torch.linspace(-half, half, steps=kernel_size, dtype=maps.dtype, device=maps.device)
+    weights = torch.softmax(-(x / sigma).pow(2) / 2, dim=0)  # exp(-x^2 / 2 sigma^2), normalised
+    padded = F.pad(maps, [half, half, half, half], mode="reflect")
+    blurred = F.conv2d(padded, weights.view(1, 1, 1, kernel_size))
+    return F.conv2d(blurred, weights.view(1, 1, kernel_size, 1))
 
 
 class PadimGaussian(nn.Module):
@@ -304,7 +316,7 @@ class PadimModel(PadimPreTrainedModel):
             anomaly_map = F.interpolate(distances, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
             if self.config.blur_sigma > 0:
                 kernel = 2 * int(4.0 * self.config.blur_sigma + 0.5) + 1
-                anomaly_map = gaussian_blur(anomaly_map, [kernel, kernel], [self.config.blur_sigma] * 2)
+                anomaly_map = gaussian_blur_separable(anomaly_map, kernel, self.config.blur_sigma)
             pred_score = anomaly_map.amax(dim=(1, 2, 3))
         pred_label = None if self.config.image_threshold is None else pred_score >= self.config.image_threshold
         output = PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
