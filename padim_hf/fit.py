@@ -178,7 +178,7 @@ def fit(args: argparse.Namespace) -> Path | None:
     statistics = reduce_statistics(statistics, accelerator, shape)
     output = None
     if accelerator.is_main_process:
-        model.set_gaussian(statistics)
+        model.set_gaussian(statistics, release_statistics=True)
         model.config.train_dataset = args.data if args.split == "train" else f"{args.data} ({args.split})"
         with atomic_directory(args.output_dir, args.overwrite) as staging:
             model.save_pretrained(staging)

@@ -321,6 +321,9 @@ class PadimModel(PadimPreTrainedModel):
             logger.warning("fitting PaDiM on a randomly initialised %s backbone", self.config.backbone)
         self.eval()
         device = self.gaussian.mean.device
+        if self.config.num_train_images == 0:  # nothing to keep: free the placeholder buffer before accumulating
+            self.gaussian.release_()
+        self.gaussian._whitening_cache = None  # recomputable: never hold it next to the statistics
         for batch in batches:
             pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
             patches = self.embed(pixel_values.to(device)).flatten(2).permute(2, 0, 1)
@@ -356,9 +359,6 @@ class PadimModel(PadimPreTrainedModel):
 
     def fit(self, batches: Iterable[Tensor | Mapping[str, Tensor]], allow_random_backbone: bool = False) -> "PadimModel":
         """Fits the per-position Gaussians on defect-free images, streamed as batches of `pixel_values`."""
-        if self.config.num_train_images == 0:  # nothing to keep: free the placeholder buffer before accumulating
-            self.gaussian.release_()
-        self.gaussian._whitening_cache = None  # recomputable: never hold it next to the statistics
         statistics = self.collect_statistics(batches, allow_random_backbone=allow_random_backbone)
         return self.set_gaussian(statistics, release_statistics=True)
 
