@@ -193,7 +193,8 @@ def mahalanobis_distances(patches: Tensor, mean: Tensor, whitening: Tensor) -> T
     # Contiguous (P, B, C): a batched GEMM over a permuted view is ~10x slower on CPU.
     centred = (patches - mean.unsqueeze(1)).contiguous()
     channels = centred.shape[-1]
-    blocks = _DISTANCE_BLOCKS if channels >= 64 else 1
+    # Small batches are bound by reading W, where the strided blocks are slower than one contiguous pass.
+    blocks = _DISTANCE_BLOCKS if channels >= 64 and centred.shape[1] >= 8 else 1
     bounds = [channels * index // blocks for index in range(blocks + 1)]
     squared = None
     for start, stop in zip(bounds, bounds[1:]):
