@@ -200,9 +200,10 @@ def mask_array(value: dict | None, path: str, size: tuple[int, int]) -> np.ndarr
 class Collator:
     """Turns dataset rows into model inputs; keeps original sizes and masks for evaluation and prediction."""
 
-    def __init__(self, processor: PadimImageProcessor, with_masks: bool = False):
+    def __init__(self, processor: PadimImageProcessor, with_masks: bool = False, with_images: bool = False):
         self.processor = processor
         self.with_masks = with_masks
+        self.with_images = with_images  # the decoded originals, for overlays (decoding twice is the slow part)
 
     def __call__(self, rows: list[dict]) -> dict:
         images = [decode_image(row["image"], row["path"]) for row in rows]
@@ -212,6 +213,8 @@ class Collator:
             "paths": [row["path"] for row in rows],
             "sizes": [image.size[::-1] for image in images],  # (H, W)
         }
+        if self.with_images:
+            batch["images"] = images
         if self.with_masks:
             batch["masks"] = [mask_array(row["mask"], row["path"], image.size) for row, image in zip(rows, images)]
         return batch

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import Collator, decode_image, image_list
+from .data import Collator, image_list
 from .evaluate import load_fitted
 from .postprocess import normalized_score, overlay_heatmap
 
@@ -30,15 +30,14 @@ def predict(args: argparse.Namespace) -> list[dict]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     rows, index = [], 0
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=Collator(processor))
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=Collator(processor, with_images=True))
     for batch in tqdm(loader, unit="batch", desc="predict"):
         output = model(batch["pixel_values"].to(model.gaussian.mean.device))
         maps = processor.post_process_anomaly_maps(output.anomaly_map.cpu(), batch["sizes"])
-        for path, anomaly_map, score in zip(batch["paths"], maps, output.pred_score.cpu().tolist()):
+        for path, image, anomaly_map, score in zip(batch["paths"], batch["images"], maps, output.pred_score.cpu().tolist()):
             # Colour scale: the calibrated score range when known, else this map's own range.
             vmin = config.score_min if config.score_min is not None else float(anomaly_map.min())
             vmax = config.score_max if config.score_max is not None else float(anomaly_map.max())
-            image = decode_image(dataset[index]["image"], path)
             heatmap = args.output_dir / names[index]
             overlay_heatmap(image, anomaly_map.numpy(), vmin, vmax).save(heatmap)
             normalized = normalized_score(score, config)
