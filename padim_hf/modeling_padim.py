@@ -15,7 +15,6 @@ from transformers.utils import ModelOutput
 
 from .configuration_padim import PadimConfig
 from .gaussian import (
-    FINALISE_CHUNK,
     PatchStatistics,
     mahalanobis_distances,
     pack_lower,
@@ -110,10 +109,8 @@ class PadimGaussian(nn.Module):
         self.whitening_packed = pack_lower(whitening, dtype=storage_dtype).to(device)
         self._whitening_cache = None
         if whitening.dtype == torch.float32 and whitening.device == device:
-            if storage_dtype != torch.float32:
-                for start in range(0, whitening.shape[0], FINALISE_CHUNK):
-                    block = whitening[start : start + FINALISE_CHUNK]
-                    block.copy_(block.to(storage_dtype))
+            if storage_dtype != torch.float32:  # round the cache to the stored values
+                unpack_lower(self.whitening_packed, self.num_features, out=whitening)
             self._whitening_cache = (self._cache_key(), whitening)
 
     def whitening(self) -> Tensor:
@@ -350,7 +347,8 @@ class PadimModel(PadimPreTrainedModel):
         storage = getattr(torch, self.config.covariance_storage)
         # float16 storage rounds W far more than a float32 factorisation does: only float32 storage needs float64.
         precision = torch.float64 if storage == torch.float32 else torch.float32
-        whitening = whitening_factors(statistics, self.config.epsilon, out=out, dtype=precision)
+        with torch.autocast(mean.device.type, enabled=False):  # a caller's autocast must not touch the factorisation
+            whitening = whitening_factors(statistics, self.config.epsilon, out=out, dtype=precision)
         if release_statistics:
             statistics.shifted_outer = None
         self.gaussian.set_(mean, whitening, storage_dtype=storage)

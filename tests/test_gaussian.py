@@ -4,6 +4,7 @@ import torch
 
 from padim_hf.gaussian import (
     PatchStatistics,
+    inverse_cholesky,
     mahalanobis_distances,
     pack_lower,
     unpack_lower,
@@ -57,6 +58,48 @@ def test_merging_statistics_with_different_shifts_equals_accumulating_all(patche
     assert merged.count == 23
     torch.testing.assert_close(merged.mean(), everything.mean())
     torch.testing.assert_close(merged.covariance(), everything.covariance(), rtol=1e-5, atol=1e-6)
+
+
+def test_float32_covariance_matches_float64(patches):
+    statistics = accumulate(patches, batch_size=4)
+    covariance32 = statistics.covariance(dtype=torch.float32)
+    assert covariance32.dtype == torch.float32
+    torch.testing.assert_close(covariance32.double(), statistics.covariance(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 65, 150, 300])
+def test_inverse_cholesky_matches_float64_reference_at_every_recursion_depth(size):
+    generator = torch.Generator().manual_seed(size)
+    samples = torch.randn(3, size + 5, size, generator=generator, dtype=torch.float64)
+    matrices = samples.mT @ samples / (size + 4) + 0.01 * torch.eye(size, dtype=torch.float64)
+    expected = torch.linalg.inv(torch.linalg.cholesky(matrices))
+    factors, info = inverse_cholesky(matrices.clone())
+    torch.testing.assert_close(factors, expected, rtol=1e-9, atol=1e-9)
+    assert info.tolist() == [0, 0, 0]
+    in_place = matrices.float().clone()
+    inverse_cholesky(in_place, out=in_place)  # the finalisation factorises the covariance chunk in place
+    relative = (in_place.double() - expected).norm() / expected.norm()
+    assert relative < 1e-4
+    assert in_place.triu(1).abs().max() == 0
+
+
+def test_finalising_never_changes_torch_thread_settings(monkeypatch):
+    # With torch 2.14's MKL build, any torch.set_num_threads call makes a later batched torch.linalg.inv hang:
+    # a library must not touch the process-wide setting.
+    def refuse(threads):
+        raise AssertionError(f"torch.set_num_threads({threads}) called")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    statistics = accumulate(torch.randn(2, 20, 150, generator=torch.Generator().manual_seed(0)), batch_size=8)
+    factors = whitening_factors(statistics, epsilon=0.01)
+    assert torch.isfinite(factors).all()
+
+
+def test_inverse_cholesky_reports_the_first_non_positive_pivot():
+    matrices = torch.eye(150, dtype=torch.float64).repeat(2, 1, 1)
+    matrices[1, 100, 100] = -1.0
+    _, info = inverse_cholesky(matrices)
+    assert info.tolist() == [0, 101]  # LAPACK convention: 1-based order of the failing leading minor
 
 
 def test_single_image_gives_epsilon_identity_covariance(patches):
