@@ -65,6 +65,16 @@ def create_backbone(config: PadimConfig, weights_file: str | None = None, pretra
     return backbone.eval().requires_grad_(False)
 
 
+def nearest_source_indices(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    """(out_size,) source index of each output row under `F.interpolate(mode="nearest")`: floor(i * in / out).
+
+    The scale is a float32 quotient, as in PyTorch's kernels, so the embedding equals the interpolated one exactly.
+    """
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    indices = (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp_(max=in_size - 1)
+    return indices.to(device)
+
+
 def gaussian_blur_separable(maps: Tensor, kernel_size: int, sigma: float) -> Tensor:
     """torchvision's `gaussian_blur` (reflect padding, normalised kernel) of (B, 1, H, W) maps as two 1-D passes.
 
@@ -283,20 +293,28 @@ class PadimModel(PadimPreTrainedModel):
         return self
 
     def embed(self, pixel_values: Tensor) -> Tensor:
-        """(B, C, h, w) float32 embedding: the selected channels of all layers on the first layer's grid."""
+        """(B, C, h, w) float32 embedding: the selected channels of all layers on the first layer's grid.
+
+        The tensor is stored position-major ((h, w, B, C) contiguous, returned as a permuted view), so the
+        per-position statistics and distances read (P, B, C) patches without a transposing copy.
+        """
         self._check_pixel_values(pixel_values)
         dtype = next(self.backbone.parameters()).dtype
         features = self.backbone(pixel_values.to(dtype))
-        grid = features[0].shape[-2:]
-        offsets = [0]
+        batch = pixel_values.shape[0]
+        height, width = features[0].shape[-2:]
+        embedding = features[0].new_empty(height, width, batch, self.config.n_features, dtype=torch.float32)
+        start = channel = 0
         for feature in features:
-            offsets.append(offsets[-1] + feature.shape[1])
-        selected = []
-        # Select channels before upsampling so unused channels are never upsampled.
-        for feature, start, stop in zip(features, offsets, offsets[1:]):
+            stop = start + feature.shape[1]
             in_layer = self.feature_indices[(self.feature_indices >= start) & (self.feature_indices < stop)] - start
-            selected.append(F.interpolate(feature[:, in_layer].float(), size=grid, mode="nearest"))
-        return torch.cat(selected, dim=1)
+            # Channels are selected before upsampling so unused channels are never upsampled.
+            selected = feature[:, in_layer].permute(2, 3, 0, 1)  # (h_l, w_l, B, c_l)
+            rows = nearest_source_indices(feature.shape[-2], height, feature.device)
+            cols = nearest_source_indices(feature.shape[-1], width, feature.device)
+            embedding[..., channel : channel + in_layer.numel()] = selected[rows[:, None], cols[None, :]]
+            start, channel = stop, channel + in_layer.numel()
+        return embedding.permute(2, 3, 0, 1)
 
     @torch.no_grad()
     def collect_statistics(
@@ -328,7 +346,8 @@ class PadimModel(PadimPreTrainedModel):
             with torch.autocast(patches.device.type, enabled=False):
                 if statistics is None:
                     statistics = PatchStatistics.from_first_batch(patches)
-                statistics.update(patches)
+                else:
+                    statistics.update(patches)
         return statistics
 
     @torch.no_grad()

@@ -16,8 +16,10 @@ def accumulate(patches: torch.Tensor, batch_size: int) -> PatchStatistics:
     statistics = None
     for start in range(0, patches.shape[1], batch_size):
         batch = patches[:, start : start + batch_size]
-        statistics = statistics or PatchStatistics.from_first_batch(batch)
-        statistics.update(batch)
+        if statistics is None:
+            statistics = PatchStatistics.from_first_batch(batch)
+        else:
+            statistics.update(batch)
     return statistics
 
 
