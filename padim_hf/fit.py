@@ -6,6 +6,7 @@ processes, and the main process factorises and writes the model directory atomic
 """
 
 import argparse
+import importlib.resources
 import logging
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from .modeling_padim import PadimModel
 from .weights import LITE0_BACKBONE, export_lite0_weights
 
 logger = logging.getLogger("padim_hf.fit")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = importlib.resources.files("padim_hf.configs")  # configs/ in the repository, installed with the package
 CONFIG_FIELDS = ("backbone", "layers", "n_features", "seed", "image_size", "crop_size", "epsilon", "blur_sigma", "covariance_storage")
 
 
@@ -39,9 +40,9 @@ def load_preset(name_or_path: str) -> dict:
     """A preset from `configs/<name>.yaml`, or any YAML file: PadimConfig fields plus fit options."""
     path = Path(name_or_path)
     if not path.is_file():
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        path = PRESETS / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        known = sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
         raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a preset; presets: {known}")
     return yaml.safe_load(path.read_text()) or {}
 

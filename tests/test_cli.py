@@ -190,3 +190,22 @@ def test_offline_preset_on_hazelnut_reaches_paper_level_pixel_auroc(hazelnut, tm
     run_cli("predict", "--model", model, *tests, "--output-dir", tmp_path / "out", "--cpu")
     for path in tests:
         assert PIL.Image.open(tmp_path / "out" / f"{path.stem}.png").size == PIL.Image.open(path).size
+
+
+@pytest.mark.slow
+def test_presets_ship_with_a_regular_non_editable_install(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(repo)],
+        check=True,
+        capture_output=True,
+    )
+    script = "import padim_hf.fit as fit; print(fit.__file__); print(fit.load_preset('padim-wr50-rd550')['n_features'])"
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True, text=True, check=True,
+    )
+    module_file, n_features = result.stdout.split()
+    assert Path(module_file).is_relative_to(target)  # the installed copy, not this checkout
+    assert n_features == "550"
