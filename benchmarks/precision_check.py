@@ -8,7 +8,7 @@ import sys, torch, time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import bench_padim as B
 from padim_hf import PadimConfig, PadimModel, PadimImageProcessor
-from padim_hf.gaussian import PatchStatistics, whitening_factors, mahalanobis_distances, pack_lower, unpack_lower
+from padim_hf.gaussian import LowerBlockRows, PatchStatistics, whitening_factors, mahalanobis_distances, pack_lower, unpack_lower
 torch.manual_seed(0)
 cfg = sys.argv[1]
 kw, _ = B.CONFIGS[cfg]
@@ -21,7 +21,7 @@ train, test, masks, labels = B.load_hazelnut(proc, 224)
 with torch.inference_mode():
     st = m.collect_statistics([train[i:i+10] for i in range(0, 50, 10)], allow_random_backbone=True)
     sel = torch.arange(0, st.shift.shape[0], 8)
-    sub = PatchStatistics(count=st.count, shift=st.shift[sel].clone(), shifted_sum=st.shifted_sum[sel].clone(), shifted_outer=st.shifted_outer[sel].clone())
+    sub = PatchStatistics(count=st.count, shift=st.shift[sel].clone(), shifted_sum=st.shifted_sum[sel].clone(), shifted_outer=st.shifted_outer.map(lambda block: block[sel].clone()))
     del st
     q = m.embed(test).flatten(2).permute(2, 0, 1)[sel].contiguous()
     mean = sub.mean()
@@ -41,14 +41,13 @@ with torch.inference_mode():
     err(W32, "fp32 finalise, fp32 W")
     err(unpack_lower(pack_lower(W64, torch.float16), C), "fp64 finalise, fp16 W")
     err(unpack_lower(pack_lower(W32, torch.float16), C), "fp32 finalise, fp16 W")
-    print("W abs max", W64.abs().max().item(), "fraction |W|<6.1e-5 (fp16 subnormal):", (W64.abs() < 6.1e-5).float().mean().item())
+    print("W abs max", W64.dense().abs().max().item(), "fraction |W|<6.1e-5 (fp16 subnormal):", (W64.dense().abs() < 6.1e-5).float().mean().item())
     # per-row scaled fp16
-    Wp = pack_lower(W64)
     rows, cols = torch.tril_indices(C, C)
     for name, Wsrc in (("fp64", W64), ("fp32", W32)):
-        full = Wsrc
+        full = Wsrc.dense()
         scale = full.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
         Wq = ((full / scale).half().float() * scale)
-        err(Wq, f"{name} finalise, fp16 per-row scale")
+        err(LowerBlockRows.from_dense(Wq), f"{name} finalise, fp16 per-row scale")
         q16 = torch.round(full / scale * 32767).clamp(-32767, 32767) / 32767 * scale
-        err(q16, f"{name} finalise, int16 per-row")
+        err(LowerBlockRows.from_dense(q16), f"{name} finalise, int16 per-row")

@@ -132,7 +132,7 @@ def reduce_statistics(statistics: PatchStatistics | None, accelerator: Accelerat
         int(count.item()),
         shift,
         accelerator.reduce(local.shifted_sum, "sum"),
-        accelerator.reduce(local.shifted_outer, "sum"),
+        local.shifted_outer.map(lambda block: accelerator.reduce(block, "sum")),
     )
 
 

@@ -14,6 +14,83 @@ FINALISE_CHUNK = 64
 _LAPACK_BLOCK = 64
 
 
+# Lower-triangular (P, C, C) stacks are stored as this many block rows; see `LowerBlockRows`.
+LOWER_BLOCKS = 4
+
+
+@dataclass
+class LowerBlockRows:
+    """A stack of (P, C, C) matrices of which only the lower triangle matters, stored as block rows.
+
+    Block i holds rows r_i:r_(i+1) and columns 0:r_(i+1) (bounds r = C * i / LOWER_BLOCKS), i.e. everything left
+    of the block diagonal: 10/16 of the full matrices with 4 blocks. Each block is a contiguous (P, rows, columns)
+    tensor, so products with it are plain batched GEMMs (in-place ones included: torch's CPU `baddbmm_` into a
+    strided view of a full matrix falls back to a per-matrix loop). Inside the diagonal blocks the entries above
+    the diagonal are kept as they come (symmetric sums) or zero (triangular factors).
+    """
+
+    blocks: list[Tensor]
+
+    @staticmethod
+    def bounds(channels: int) -> list[int]:
+        count = min(LOWER_BLOCKS, channels)
+        return [channels * index // count for index in range(count + 1)]
+
+    @property
+    def channels(self) -> int:
+        return self.blocks[-1].shape[-1]
+
+    @property
+    def row_ranges(self) -> list[tuple[int, int]]:
+        bounds = self.bounds(self.channels)
+        return list(zip(bounds, bounds[1:]))
+
+    @classmethod
+    def zeros(cls, positions: int, channels: int, **tensor_options) -> "LowerBlockRows":
+        bounds = cls.bounds(channels)
+        return cls([torch.zeros(positions, b - a, b, **tensor_options) for a, b in zip(bounds, bounds[1:])])
+
+    @classmethod
+    def outer(cls, centred: Tensor) -> "LowerBlockRows":
+        """The lower block rows of centred^T centred for centred (P, B, C): one batched GEMM per block."""
+        bounds = cls.bounds(centred.shape[-1])
+        return cls([torch.bmm(centred[:, :, a:b].transpose(1, 2), centred[:, :, :b]) for a, b in zip(bounds, bounds[1:])])
+
+    @classmethod
+    def from_dense(cls, matrices: Tensor) -> "LowerBlockRows":
+        """The lower block rows of (P, C, C) `matrices`, copied."""
+        bounds = cls.bounds(matrices.shape[-1])
+        return cls([matrices[:, a:b, :b].clone() for a, b in zip(bounds, bounds[1:])])
+
+    def add_outer_(self, centred: Tensor) -> None:
+        """Adds the lower block rows of centred^T centred (P, B, C) in place."""
+        for block, (start, stop) in zip(self.blocks, self.row_ranges):
+            block.baddbmm_(centred[:, :, start:stop].transpose(1, 2), centred[:, :, :stop])
+
+    def dense(self, positions: slice = slice(None), dtype: torch.dtype = torch.float32) -> Tensor:
+        """(p, C, C) new tensor at `positions`: the stored entries, zeros right of the block diagonal."""
+        first = self.blocks[0][positions]
+        matrices = first.new_empty(first.shape[0], self.channels, self.channels, dtype=dtype)
+        for block, (start, stop) in zip(self.blocks, self.row_ranges):
+            matrices[:, start:stop, :stop] = block[positions]
+            matrices[:, start:stop, stop:] = 0
+        return matrices
+
+    def set_dense_(self, positions: slice, matrices: Tensor) -> None:
+        """Stores the lower block rows of (p, C, C) `matrices` at `positions`."""
+        for block, (start, stop) in zip(self.blocks, self.row_ranges):
+            block[positions] = matrices[:, start:stop, :stop]
+
+    def add_dense_(self, positions: slice, matrices: Tensor) -> None:
+        """Adds the lower block rows of (p, C, C) `matrices` at `positions`."""
+        for block, (start, stop) in zip(self.blocks, self.row_ranges):
+            block[positions] += matrices[:, start:stop, :stop].to(block.dtype)
+
+    def map(self, function) -> "LowerBlockRows":
+        """The same matrices with `function` applied to every block (a device move, a reduction across processes)."""
+        return LowerBlockRows([function(block) for block in self.blocks])
+
+
 @dataclass
 class PatchStatistics:
     """Sufficient statistics of the embeddings seen so far, shifted by `shift` for numerical stability.
@@ -26,13 +103,13 @@ class PatchStatistics:
         count: number of images accumulated.
         shift: (P, C) float32, the reference point of the sums.
         shifted_sum: (P, C) float64, sum of (x - shift).
-        shifted_outer: (P, C, C) float32, sum of (x - shift)(x - shift)^T.
+        shifted_outer: (P, C, C) float32, sum of (x - shift)(x - shift)^T, lower block rows only (symmetric).
     """
 
     count: int
     shift: Tensor
     shifted_sum: Tensor
-    shifted_outer: Tensor
+    shifted_outer: LowerBlockRows
 
     @classmethod
     def empty(cls, shift: Tensor) -> "PatchStatistics":
@@ -42,7 +119,7 @@ class PatchStatistics:
             count=0,
             shift=shift.float(),
             shifted_sum=shift.new_zeros(positions, channels, dtype=torch.float64),
-            shifted_outer=shift.new_zeros(positions, channels, channels, dtype=torch.float32),
+            shifted_outer=LowerBlockRows.zeros(positions, channels, dtype=torch.float32, device=shift.device),
         )
 
     @classmethod
@@ -54,7 +131,7 @@ class PatchStatistics:
             count=patches.shape[1],
             shift=shift,
             shifted_sum=centred.sum(dim=1).double(),
-            shifted_outer=torch.bmm(centred.transpose(1, 2), centred),  # written once: no zero-filled 3.8 GB first
+            shifted_outer=LowerBlockRows.outer(centred),  # written once: no zero-filled buffer first
         )
 
     def update(self, patches: Tensor) -> None:
@@ -63,7 +140,7 @@ class PatchStatistics:
         centred = (patches.float() - self.shift.unsqueeze(1)).contiguous()
         # A float32 sum over one batch is exact to ~1e-7 relative; the float64 total keeps it so across batches.
         self.shifted_sum += centred.sum(dim=1).double()
-        self.shifted_outer.baddbmm_(centred.transpose(1, 2), centred)
+        self.shifted_outer.add_outer_(centred)
         self.count += patches.shape[1]
 
     def rebase_(self, shift: Tensor) -> "PatchStatistics":
@@ -78,7 +155,7 @@ class PatchStatistics:
             a, s = offset[chunk], self.shifted_sum[chunk]
             correction = a.unsqueeze(2) * s.unsqueeze(1) + s.unsqueeze(2) * a.unsqueeze(1)
             correction += self.count * a.unsqueeze(2) * a.unsqueeze(1)
-            self.shifted_outer[chunk] += correction.float()
+            self.shifted_outer.add_dense_(chunk, correction)
         self.shifted_sum += self.count * offset
         self.shift = shift.float().clone()
         return self
@@ -88,7 +165,8 @@ class PatchStatistics:
         other.rebase_(self.shift)
         self.count += other.count
         self.shifted_sum += other.shifted_sum
-        self.shifted_outer += other.shifted_outer
+        for block, other_block in zip(self.shifted_outer.blocks, other.shifted_outer.blocks):
+            block += other_block
         return self
 
     def mean(self) -> Tensor:
@@ -97,15 +175,20 @@ class PatchStatistics:
         return self.shift.double() + self.shifted_sum / self.count
 
     def covariance(self, positions: slice = slice(None), dtype: torch.dtype = torch.float64) -> Tensor:
-        """(P, C, C) unbiased sample covariance (zero for a single image) at `positions`, a new tensor in `dtype`.
+        """(P, C, C) unbiased sample covariance (zero for a single image) at `positions`, a new tensor in `dtype`."""
+        lower = self.lower_covariance(positions, dtype).tril_()
+        return lower + lower.tril(-1).transpose(1, 2)
+
+    def lower_covariance(self, positions: slice = slice(None), dtype: torch.dtype = torch.float64) -> Tensor:
+        """Like `covariance`, but only the lower triangle is meaningful (all a Cholesky factorisation reads).
 
         float32 loses nothing that matters here: the sums are float32 already and the shift keeps the mean
         correction small. It is ~10x faster than float64 on CPU, where forming the covariance is memory-bound.
         """
         self._require_images()
         shifted_mean = (self.shifted_sum[positions] / self.count).to(dtype)
-        scatter = torch.baddbmm(
-            self.shifted_outer[positions].to(dtype), shifted_mean.unsqueeze(2), shifted_mean.unsqueeze(1), alpha=-self.count
+        scatter = self.shifted_outer.dense(positions, dtype).baddbmm_(
+            shifted_mean.unsqueeze(2), shifted_mean.unsqueeze(1), alpha=-self.count
         )
         return scatter.div_(max(self.count - 1, 1))
 
@@ -142,36 +225,35 @@ def inverse_cholesky(matrices: Tensor, out: Tensor | None = None) -> tuple[Tenso
 
 
 def whitening_factors(
-    statistics: PatchStatistics, epsilon: float, out: Tensor | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """(P, C, C) float32 lower-triangular W with W^T W = (covariance + epsilon I)^-1 at every position.
+    statistics: PatchStatistics, epsilon: float, out: LowerBlockRows | None = None, dtype: torch.dtype = torch.float32
+) -> LowerBlockRows:
+    """Lower-triangular W (P, C, C), float32, with W^T W = (covariance + epsilon I)^-1 at every position.
 
     W is the inverse Cholesky factor, so the Mahalanobis distance is ||W (x - mean)||: one GEMM per position at
-    test time, no solve. Positions are processed in chunks: the covariance is formed in float64 from the sums and
-    factorised by `inverse_cholesky` in `dtype`. float32 is about twice as fast on CPU and its distances differ from
+    test time, no solve. Positions are processed in chunks: the covariance is formed from the sums and factorised
+    by `inverse_cholesky` in `dtype`. float32 is about twice as fast on CPU and its distances differ from
     float64's by ~1e-4 relative at most (below float16 storage rounding, see BENCHMARKS.md); positions where float32
     loses positive definiteness are redone in float64.
 
-    `out` (P, C, C) float32 receives W; it may be `statistics.shifted_outer` itself, which finalises in place with
-    no second (P, C, C) tensor (the statistics are unusable afterwards). W is float32 whatever `dtype`.
+    `out` receives W; it may be `statistics.shifted_outer` itself, which finalises in place with no second set of
+    matrices (the statistics are unusable afterwards).
     """
     positions, channels = statistics.shift.shape
-    device = statistics.shift.device
     if out is None:
-        out = torch.empty(positions, channels, channels, dtype=torch.float32, device=device)
+        out = LowerBlockRows.zeros(positions, channels, dtype=torch.float32, device=statistics.shift.device)
     for start in range(0, positions, FINALISE_CHUNK):
         chunk = slice(start, start + FINALISE_CHUNK)
-        covariance = statistics.covariance(chunk, dtype)  # read before `out[chunk]` may overwrite the sums
+        covariance = statistics.lower_covariance(chunk, dtype)  # read before `out` may overwrite the sums
         covariance.diagonal(dim1=-2, dim2=-1).add_(epsilon)
         factors, info = inverse_cholesky(covariance, out=covariance)
         failed = info != 0
         if failed.any():  # float32 lost definiteness: redo those positions in float64
-            covariance64 = statistics.covariance(chunk)[failed]
+            covariance64 = statistics.lower_covariance(chunk)[failed]
             covariance64.diagonal(dim1=-2, dim2=-1).add_(epsilon)
             factors[failed], info64 = _inverse_cholesky_float64(covariance64)
             if info64.any():
                 raise ValueError(f"covariance is not positive definite at grid positions {chunk}; increase epsilon")
-        out[chunk] = factors
+        out.set_dense_(chunk, factors)
     return out
 
 
@@ -181,59 +263,50 @@ def _inverse_cholesky_float64(matrices: Tensor) -> tuple[Tensor, Tensor]:
     return torch.linalg.solve_triangular(cholesky, identity, upper=False).float(), info
 
 
-# W is lower triangular: scoring splits its rows in this many blocks and skips the all-zero column ranges, which
-# saves 6/16 of the GEMM work and of the memory traffic (W is read once per batch).
-_DISTANCE_BLOCKS = 4
-
-
-def mahalanobis_distances(patches: Tensor, mean: Tensor, whitening: Tensor) -> Tensor:
-    """(P, B) distances of patches (P, B, C) to per-position Gaussians given by mean (P, C) and lower-triangular W (P, C, C)."""
+def mahalanobis_distances(patches: Tensor, mean: Tensor, whitening: LowerBlockRows) -> Tensor:
+    """(P, B) distances of patches (P, B, C) to per-position Gaussians given by mean (P, C) and lower-triangular W."""
     # Contiguous (P, B, C): a batched GEMM over a permuted view is ~10x slower on CPU.
     centred = (patches - mean.unsqueeze(1)).contiguous()
-    channels = centred.shape[-1]
-    # Small batches are bound by reading W, where the strided blocks are slower than one contiguous pass.
-    blocks = _DISTANCE_BLOCKS if channels >= 64 and centred.shape[1] >= 8 else 1
-    bounds = [channels * index // blocks for index in range(blocks + 1)]
     squared = None
-    for start, stop in zip(bounds, bounds[1:]):
-        # rows start:stop of W are zero beyond column stop
-        whitened = torch.bmm(centred[:, :, :stop], whitening[:, start:stop, :stop].transpose(1, 2))
-        block = whitened.square().sum(dim=-1)
-        squared = block if squared is None else squared.add_(block)
+    for block, (_, stop) in zip(whitening.blocks, whitening.row_ranges):
+        whitened = torch.bmm(centred[:, :, :stop], block.transpose(1, 2))  # rows of W are zero beyond `stop`
+        part = whitened.square().sum(dim=-1)
+        squared = part if squared is None else squared.add_(part)
     return squared.sqrt()
 
 
-def _packed_rows(channels: int):
-    """(row, slice of the packed vector) for each row of a C x C lower-triangular matrix."""
+def _packed_rows(matrices: LowerBlockRows):
+    """(row of W within its block, slice of the packed vector) for each of the C rows of the lower triangle."""
     offset = 0
-    for row in range(channels):
-        yield row, slice(offset, offset + row + 1)
-        offset += row + 1
+    for block, (start, stop) in zip(matrices.blocks, matrices.row_ranges):
+        for row in range(start, stop):
+            yield block[:, row - start, : row + 1], slice(offset, offset + row + 1)
+            offset += row + 1
 
 
 # pack/unpack copy one triangle row of every matrix at a time: C strided copies run ~2x faster than one
 # index_select gather over the C (C + 1) / 2 packed entries, and need no full-precision temporary.
 
 
-def pack_lower(matrices: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """(..., C, C) lower-triangular -> (..., C (C + 1) / 2) packed rows, in `dtype` (default the input's)."""
-    channels = matrices.shape[-1]
-    flat = matrices.reshape(-1, channels, channels)
-    packed = torch.empty(flat.shape[0], channels * (channels + 1) // 2, dtype=dtype or matrices.dtype, device=matrices.device)
-    for row, entries in _packed_rows(channels):
-        packed[:, entries] = flat[:, row, : row + 1]
-    return packed.reshape(*matrices.shape[:-2], packed.shape[-1])
+def pack_lower(matrices: LowerBlockRows, dtype: torch.dtype | None = None) -> Tensor:
+    """Lower triangles (P, C, C) -> (P, C (C + 1) / 2) packed rows, in `dtype` (default the matrices')."""
+    first = matrices.blocks[0]
+    channels = matrices.channels
+    packed = first.new_empty(first.shape[0], channels * (channels + 1) // 2, dtype=dtype or first.dtype)
+    for row, entries in _packed_rows(matrices):
+        packed[:, entries] = row
+    return packed
 
 
-def unpack_lower(packed: Tensor, channels: int, dtype: torch.dtype = torch.float32, out: Tensor | None = None) -> Tensor:
-    """Inverse of `pack_lower`: (..., C (C + 1) / 2) -> (..., C, C) in `dtype`, zeros above the diagonal.
+def unpack_lower(
+    packed: Tensor, channels: int, dtype: torch.dtype = torch.float32, out: LowerBlockRows | None = None
+) -> LowerBlockRows:
+    """Inverse of `pack_lower`: (P, C (C + 1) / 2) -> lower-triangular (P, C, C) in `dtype`, zeros above the diagonal.
 
-    `out` (..., C, C) receives the result (only its lower triangle is written, so its upper one must be zero).
+    `out` receives the result (only the lower triangle is written, so the rest must be zero already).
     """
     if out is None:
-        out = torch.zeros(*packed.shape[:-1], channels, channels, dtype=dtype, device=packed.device)
-    flat_out = out.view(-1, channels, channels)
-    flat = packed.reshape(-1, packed.shape[-1])
-    for row, entries in _packed_rows(channels):
-        flat_out[:, row, : row + 1] = flat[:, entries]
+        out = LowerBlockRows.zeros(packed.shape[0], channels, dtype=dtype, device=packed.device)
+    for row, entries in _packed_rows(out):
+        row.copy_(packed[:, entries])
     return out

@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_padim import PadimConfig
 from .gaussian import (
+    LowerBlockRows,
     PatchStatistics,
     mahalanobis_distances,
     pack_lower,
@@ -92,8 +93,9 @@ class PadimGaussian(nn.Module):
     """Per-position Gaussians: `mean` (P, C) and the packed lower-triangular whitening factor W (P, C(C+1)/2).
 
     The packed factor is what the checkpoint stores (half the size of a full matrix, in `config.covariance_storage`
-    dtype). The unpacked float32 factor used for scoring is cached: after a fit it holds exactly the stored values
-    (rounded to the storage dtype), so a model scores the same before and after `save_pretrained`/`from_pretrained`.
+    dtype). The float32 factor used for scoring is cached as `LowerBlockRows` (10/16 of the full matrices): after a
+    fit it holds exactly the stored values (rounded to the storage dtype), so a model scores the same before and
+    after `save_pretrained`/`from_pretrained`.
     """
 
     def __init__(self, num_positions: int, num_features: int):
@@ -101,29 +103,30 @@ class PadimGaussian(nn.Module):
         self.num_features = num_features
         self.register_buffer("mean", torch.zeros(num_positions, num_features))
         self.register_buffer("whitening_packed", torch.zeros(num_positions, num_features * (num_features + 1) // 2))
-        self._whitening_cache: tuple[tuple, Tensor] | None = None
+        self._whitening_cache: tuple[tuple, LowerBlockRows] | None = None
 
     def _cache_key(self) -> tuple:
         packed = self.whitening_packed
         version = -1 if packed.is_inference() else packed._version  # inference tensors (inference_mode) have none
         return (packed.data_ptr(), packed.device, version, packed.dtype)
 
-    def set_(self, mean: Tensor, whitening: Tensor, storage_dtype: torch.dtype = torch.float32) -> None:
+    def set_(self, mean: Tensor, whitening: LowerBlockRows, storage_dtype: torch.dtype = torch.float32) -> None:
         """Stores mean (P, C) and lower-triangular W (P, C, C).
 
         The packed buffer takes `storage_dtype`; a float32 `whitening` on the buffers' device is rounded to it in
-        place and kept as the scoring cache (no unpacking, no second (P, C, C) tensor).
+        place and kept as the scoring cache (no unpacking, no second copy of the factors).
         """
         device = self.mean.device
         self.mean = mean.float().to(device)
         self.whitening_packed = pack_lower(whitening, dtype=storage_dtype).to(device)
         self._whitening_cache = None
-        if whitening.dtype == torch.float32 and whitening.device == device:
+        first = whitening.blocks[0]
+        if first.dtype == torch.float32 and first.device == device:
             if storage_dtype != torch.float32:  # round the cache to the stored values
                 unpack_lower(self.whitening_packed, self.num_features, out=whitening)
             self._whitening_cache = (self._cache_key(), whitening)
 
-    def whitening(self) -> Tensor:
+    def whitening(self) -> LowerBlockRows:
         """(P, C, C) float32 whitening factors, unpacked once per buffer version and device."""
         key = self._cache_key()
         if self._whitening_cache is None or self._whitening_cache[0] != key:
@@ -136,8 +139,9 @@ class PadimGaussian(nn.Module):
         self._whitening_cache = None
         result = super()._apply(fn, *args, **kwargs)
         if cache is not None:  # move the cache with the buffers (`.to(device)`) instead of unpacking it again
-            moved = fn(cache[1])
-            if moved.dtype == torch.float32 and moved.device == self.whitening_packed.device:
+            moved = cache[1].map(fn)
+            first = moved.blocks[0]
+            if first.dtype == torch.float32 and first.device == self.whitening_packed.device:
                 self._whitening_cache = (self._cache_key(), moved)
         return result
 
@@ -361,7 +365,7 @@ class PadimModel(PadimPreTrainedModel):
             raise ValueError("no training images were accumulated: the training set is empty")
         mean = statistics.mean()
         out = None
-        if release_statistics and statistics.shifted_outer.device == self.gaussian.mean.device:
+        if release_statistics and statistics.shifted_outer.blocks[0].device == self.gaussian.mean.device:
             out = statistics.shifted_outer
         storage = getattr(torch, self.config.covariance_storage)
         # float16 storage rounds W far more than a float32 factorisation does: only float32 storage needs float64.

@@ -60,7 +60,7 @@ def test_two_process_fit_equals_one_process_fit(demo_data, tmp_path):
 def covariance_of(packed: torch.Tensor) -> torch.Tensor:
     """Sigma = (W^T W)^-1 from a stored whitening factor W, in float64."""
     channels = int((np.sqrt(8 * packed.shape[-1] + 1) - 1) / 2)
-    whitening = unpack_lower(packed.double(), channels, torch.float64)
+    whitening = unpack_lower(packed.double(), channels, torch.float64).dense(dtype=torch.float64)
     cholesky = torch.linalg.solve_triangular(whitening, torch.eye(channels, dtype=torch.float64).expand_as(whitening), upper=False)
     return cholesky @ cholesky.transpose(1, 2)
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from padim_hf.gaussian import (
+    LowerBlockRows,
     PatchStatistics,
     inverse_cholesky,
     mahalanobis_distances,
@@ -94,7 +95,7 @@ def test_finalising_never_changes_torch_thread_settings(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", refuse)
     statistics = accumulate(torch.randn(2, 20, 150, generator=torch.Generator().manual_seed(0)), batch_size=8)
     factors = whitening_factors(statistics, epsilon=0.01)
-    assert torch.isfinite(factors).all()
+    assert torch.isfinite(factors.dense()).all()
 
 
 def test_inverse_cholesky_reports_the_first_non_positive_pivot():
@@ -108,7 +109,7 @@ def test_single_image_gives_epsilon_identity_covariance(patches):
     statistics = accumulate(patches[:, :1], 1)
     torch.testing.assert_close(statistics.covariance(), torch.zeros(6, 5, 5, dtype=torch.float64))
     factors = whitening_factors(statistics, epsilon=0.01)
-    torch.testing.assert_close(factors, torch.eye(5).expand(6, 5, 5) * 10.0)
+    torch.testing.assert_close(factors.dense(), torch.eye(5).expand(6, 5, 5) * 10.0)
 
 
 def test_empty_statistics_raise_a_clear_error():
@@ -131,7 +132,19 @@ def test_distances_equal_per_position_mahalanobis_reference(patches):
 
 
 def test_packing_round_trips_lower_triangular_matrices():
-    lower = torch.randn(3, 4, 4).tril()
-    packed = pack_lower(lower)
-    assert packed.shape == (3, 10)
-    torch.testing.assert_close(unpack_lower(packed, 4), lower)
+    lower = torch.randn(3, 9, 9).tril()
+    packed = pack_lower(LowerBlockRows.from_dense(lower))
+    assert packed.shape == (3, 45)
+    torch.testing.assert_close(packed[:, :3], torch.stack([lower[:, 0, 0], lower[:, 1, 0], lower[:, 1, 1]], dim=1))
+    torch.testing.assert_close(unpack_lower(packed, 9).dense(), lower)
+
+
+def test_lower_block_rows_keep_everything_left_of_the_block_diagonal():
+    matrices = torch.randn(2, 9, 9)
+    blocks = LowerBlockRows.from_dense(matrices)
+    assert [tuple(block.shape) for block in blocks.blocks] == [(2, 2, 2), (2, 2, 4), (2, 2, 6), (2, 3, 9)]
+    dense = blocks.dense()
+    torch.testing.assert_close(dense.tril(), matrices.tril())
+    assert sum(block.numel() for block in blocks.blocks) < 0.7 * matrices.numel()
+    centred = torch.randn(2, 5, 9)
+    torch.testing.assert_close(LowerBlockRows.outer(centred).dense().tril(), (centred.mT @ centred).tril())
