@@ -86,6 +86,10 @@ class LowerBlockRows:
         for block, (start, stop) in zip(self.blocks, self.row_ranges):
             block[positions] += matrices[:, start:stop, :stop].to(block.dtype)
 
+    def add_(self, other: "LowerBlockRows") -> None:
+        for block, other_block in zip(self.blocks, other.blocks):
+            block += other_block
+
     def map(self, function) -> "LowerBlockRows":
         """The same matrices with `function` applied to every block (a device move, a reduction across processes)."""
         return LowerBlockRows([function(block) for block in self.blocks])
@@ -165,8 +169,7 @@ class PatchStatistics:
         other.rebase_(self.shift)
         self.count += other.count
         self.shifted_sum += other.shifted_sum
-        for block, other_block in zip(self.shifted_outer.blocks, other.shifted_outer.blocks):
-            block += other_block
+        self.shifted_outer.add_(other.shifted_outer)
         return self
 
     def mean(self) -> Tensor:
@@ -250,17 +253,12 @@ def whitening_factors(
         if failed.any():  # float32 lost definiteness: redo those positions in float64
             covariance64 = statistics.lower_covariance(chunk)[failed]
             covariance64.diagonal(dim1=-2, dim2=-1).add_(epsilon)
-            factors[failed], info64 = _inverse_cholesky_float64(covariance64)
+            factors64, info64 = inverse_cholesky(covariance64)
+            factors[failed] = factors64.to(factors.dtype)
             if info64.any():
                 raise ValueError(f"covariance is not positive definite at grid positions {chunk}; increase epsilon")
         out.set_dense_(chunk, factors)
     return out
-
-
-def _inverse_cholesky_float64(matrices: Tensor) -> tuple[Tensor, Tensor]:
-    cholesky, info = torch.linalg.cholesky_ex(matrices)
-    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device).expand_as(cholesky)
-    return torch.linalg.solve_triangular(cholesky, identity, upper=False).float(), info
 
 
 def mahalanobis_distances(patches: Tensor, mean: Tensor, whitening: LowerBlockRows) -> Tensor:

@@ -71,9 +71,9 @@ def nearest_source_indices(in_size: int, out_size: int, device: torch.device) ->
 
     The scale is a float32 quotient, as in PyTorch's kernels, so the embedding equals the interpolated one exactly.
     """
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    indices = (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp_(max=in_size - 1)
-    return indices.to(device)
+    scale = torch.tensor(in_size, dtype=torch.float32, device=device) / out_size
+    positions = torch.arange(out_size, dtype=torch.float32, device=device)
+    return (positions * scale).floor().long().clamp_(max=in_size - 1)
 
 
 def gaussian_blur_separable(maps: Tensor, kernel_size: int, sigma: float) -> Tensor:

@@ -98,6 +98,17 @@ def test_finalising_never_changes_torch_thread_settings(monkeypatch):
     assert torch.isfinite(factors.dense()).all()
 
 
+def test_positions_float32_cannot_factorise_are_redone_in_float64():
+    along_diagonal = torch.tensor([-3.0, -1.0, 1.0, 3.0]) * 100
+    statistics = PatchStatistics.from_first_batch(torch.stack([along_diagonal, along_diagonal], dim=1).unsqueeze(0))
+    covariance = statistics.covariance() + 1e-6 * torch.eye(2, dtype=torch.float64)  # 1e4 + 1e-6 == 1e4 in float32
+    _, info32 = inverse_cholesky(statistics.lower_covariance(dtype=torch.float32) + 1e-6 * torch.eye(2))
+    assert info32.tolist() == [2]
+    factors = whitening_factors(statistics, epsilon=1e-6, dtype=torch.float32).dense()
+    expected = torch.linalg.inv(torch.linalg.cholesky(covariance)).float()
+    torch.testing.assert_close(factors, expected, rtol=1e-5, atol=0)
+
+
 def test_inverse_cholesky_reports_the_first_non_positive_pivot():
     matrices = torch.eye(150, dtype=torch.float64).repeat(2, 1, 1)
     matrices[1, 100, 100] = -1.0

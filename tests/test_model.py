@@ -15,6 +15,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from padim_hf import PadimConfig, PadimImageProcessor, PadimModel
 from padim_hf.image_processing_padim import load_image
+from padim_hf.modeling_padim import nearest_source_indices
 from tests.conftest import small_lite0_config
 
 
@@ -89,6 +90,21 @@ def test_one_image_fit_gives_finite_maps(lite0_weights, random_images):
     output = model(random_images)
     assert torch.isfinite(output.anomaly_map).all()
     assert output.pred_score[0] < output.pred_score[1:].min()  # the training image itself is the most normal
+
+
+def test_embedding_equals_nearest_interpolation_of_the_selected_channels(small_model, random_images):
+    features = small_model.backbone(random_images)
+    grid = features[0].shape[-2:]
+    upsampled = torch.cat([F.interpolate(feature, size=grid, mode="nearest") for feature in features], dim=1)
+    expected = upsampled[:, small_model.feature_indices]
+    torch.testing.assert_close(small_model.embed(random_images), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("in_size, out_size", [(14, 56), (15, 63), (7, 64), (64, 64)])
+def test_nearest_source_indices_match_torch_nearest_interpolation(in_size, out_size):
+    source = torch.arange(in_size, dtype=torch.float32).view(1, 1, in_size, 1)
+    expected = F.interpolate(source, size=(out_size, 1), mode="nearest").flatten().long()
+    assert nearest_source_indices(in_size, out_size, torch.device("cpu")).tolist() == expected.tolist()
 
 
 # float32 storage is limited by the float32 sums: 7 images give a rank-6 covariance + 0.01 I whose conditioning
