@@ -65,21 +65,25 @@ def test_streamed_pixel_metrics_equal_exact_ones_on_random_maps_of_mixed_sizes(s
 
 def test_streamed_state_does_not_depend_on_order_or_sharding():
     masks, maps = random_maps(2)
+    maps = [m * 2.0 ** (i % 5) for i, m in enumerate(maps)]  # maxima spanning several powers of two
     whole = StreamingPixelMetrics()
-    whole.update(maps, masks)
-    # The shard holding the largest score grows its range last: merging must rebin the other shard exactly.
-    top = int(np.argmax([m.max() for m in maps]))
+    whole.update(maps, masks)  # one update: the range is set once, no bins are merged
+    # Images one by one in increasing order of their top score: the range grows (bins merge) again and again; and
+    # two shards whose ranges differ must be rebinned to the wider one when merged.
+    order = np.argsort([m.max() for m in maps])
     first, second = StreamingPixelMetrics(), StreamingPixelMetrics()
-    first.update([maps[top]], [masks[top]])
-    rest = [i for i in range(len(maps)) if i != top]
-    for index in rest[::-1]:
+    for index in order[:-3]:
+        first.update([maps[index]], [masks[index]])
+    for index in order[-3:]:
         second.update([maps[index]], [masks[index]])
-    merged = second.merge_(first)
+    assert first.exponent < second.exponent
+    merged = first.merge_(second)
     assert merged.exponent == whole.exponent
     np.testing.assert_array_equal(merged.normal, whole.normal)
     np.testing.assert_array_equal(merged.anomalous, whole.anomalous)
     np.testing.assert_allclose(merged.region_weight, whole.region_weight, rtol=1e-12)
     assert merged.compute() == pytest.approx(whole.compute(), rel=1e-12)
+    assert_metrics_close(merged.compute(), exact_pixel_metrics(masks, maps))
 
 
 def test_aupro_is_one_curve_over_all_regions_of_all_images_not_a_mean_of_images():
