@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Collator, decode_image, drop_unreadable, load_split
-from .fit import add_data_arguments
+from .fit import add_data_arguments, make_accelerator
 from .image_processing_padim import PadimImageProcessor
 from .metrics import StreamingPixelMetrics, auroc, f1_max
 from .modeling_padim import PadimModel
@@ -78,8 +78,7 @@ class EvaluationResult:
 
     def report(self) -> dict:
         """What the CLI prints: metrics, thresholds, and what they were computed on."""
-        keys = ("image_threshold", "pixel_threshold", "protocol", "num_images", "num_calibration_images",
-                "num_processes", "images_per_second")
+        keys = ("image_threshold", "pixel_threshold", "protocol", "num_images", "num_calibration_images", "num_processes")
         return self.metrics() | {key: getattr(self, key) for key in keys}
 
     def to_dict(self) -> dict:
@@ -247,7 +246,7 @@ def evaluate_padim(
     if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "select"):
         raise TypeError("evaluate_padim needs a map-style datasets.Dataset (not a streamed IterableDataset)")
     processor = processor or PadimImageProcessor.from_padim_config(model.config)
-    accelerator = accelerator or Accelerator(cpu=model.gaussian.mean.device.type == "cpu")
+    accelerator = accelerator or make_accelerator(cpu=model.gaussian.mean.device.type == "cpu")
     calibration_info = None
     if isinstance(calibration, (int, float)) and not isinstance(calibration, bool):
         dataset, calibration_set = calibration_subset(dataset, float(calibration), calibration_seed)
@@ -383,7 +382,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     returns `EvaluationResult.report()`."""
     if args.calibration_split and args.calibration_fraction:
         raise ValueError("pass either --calibration-split or --calibration-fraction, not both")
-    accelerator = Accelerator(cpu=args.cpu)
+    accelerator = make_accelerator(cpu=args.cpu)
     model, processor = load_fitted(args.model, cpu=True)
     model.to(accelerator.device)
     options = dict(config=args.hub_config, image_column=args.image_column, mask_column=args.mask_column, label_column=args.label_column)

@@ -167,11 +167,14 @@ def evaluation_section(config: PadimConfig) -> str:
 
 def calibration_text(config: PadimConfig) -> str:
     """Which images chose the thresholds and score range, and that the metrics above exclude them."""
+    thresholds = [f"image threshold {config.image_threshold:.4g}" if config.image_threshold is not None else None,
+                  f"pixel threshold {config.pixel_threshold:.4g}" if config.pixel_threshold is not None else None]
+    listed = ", ".join(t for t in thresholds if t)
     calibration = config.calibration
     if not calibration:
-        if config.image_threshold is None:
+        if not listed:
             return "No thresholds are calibrated: scores are raw Mahalanobis distances."
-        return f"Thresholds on raw scores: image {config.image_threshold:.4g} (source not recorded)."
+        return f"Thresholds on raw scores: {listed} (which images chose them is not recorded)."
     source = calibration.get("dataset") or {}
     where = f"split `{source.get('split')}` of {dataset_label(source.get('name'))}"
     if calibration.get("fraction"):
@@ -179,11 +182,8 @@ def calibration_text(config: PadimConfig) -> str:
             f"a {calibration['fraction']:g} fraction of {where} (seed {calibration.get('seed')}, stratified by "
             f"{calibration.get('stratified_by', 'label')}), left out of the metrics above"
         )
-    thresholds = [f"image threshold {config.image_threshold:.4g}" if config.image_threshold is not None else None,
-                  f"pixel threshold {config.pixel_threshold:.4g}" if config.pixel_threshold is not None else None]
-    listed = ", ".join(t for t in thresholds if t) or "no thresholds"
     return (
-        f"F1-optimal thresholds on raw scores ({listed}) and the score range used to normalise scores were "
+        f"F1-optimal thresholds on raw scores ({listed or 'none'}) and the score range used to normalise scores were "
         f"chosen on {calibration.get('num_images', len(calibration.get('images', [])))} calibration images from "
         f"{where}; `config.json` lists them under `calibration.images`."
     )
