@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from padim_hf.fit import build_model, fit_padim, main, make_accelerator, save_fitted, training_split
+from padim_hf.fit import build_model, fit_padim, make_accelerator, save_fitted, training_split
 
 
 class FitLog(logging.Handler):
@@ -46,14 +46,10 @@ def run(spec: dict) -> None:
     report_dir = Path(spec["report_dir"])
     for job in spec["jobs"]:
         log.lines.clear()
-        if job["kind"] == "cli":  # the command line as a user runs it under torchrun (no --cpu)
-            main(job["argv"])
-            accelerator = make_accelerator()
-        else:
-            accelerator = make_accelerator()  # no cpu=True: several processes on CPUs must cooperate anyway
-            model = build_model(spec["config"], backbone_weights=spec["weights"])
-            model = fit_padim(model, data_of(job), batch_size=2, accelerator=accelerator, progress=False)
-            save_fitted(model, job["output"])
+        accelerator = make_accelerator()  # no cpu=True: several processes on CPUs must cooperate anyway
+        model = build_model(spec["config"], backbone_weights=spec["weights"])
+        model = fit_padim(model, data_of(job), batch_size=2, accelerator=accelerator, progress=False)
+        save_fitted(model, job["output"])
         (rank, world, distributed_type, device, images), = log.lines
         report = dict(
             rank=accelerator.process_index, world=accelerator.num_processes, logged_rank=rank, logged_world=world,

@@ -102,22 +102,40 @@ def assert_equals_one_process_fit(model_dir: Path, reference_dir: Path) -> None:
     assert not list(model_dir.parent.glob(f".{model_dir.name}.partial-*"))
 
 
-def test_two_processes_uneven_shards_streamed_shards_and_the_cli(data, tmp_path):
+def test_two_processes_uneven_shards_and_streamed_shards(data, tmp_path):
     jobs = [
         dict(name="folder", kind="folder", path=str(data["folder"])),
         dict(name="stream", kind="hub_stream", path=str(data["repo"])),  # 3 shards on 2 processes: split by example
-        dict(name="cli", kind="cli", argv=[
-            "--data", str(data["folder"]), "--output-dir", str(tmp_path / "cli"), "--config", "padim-lite0-offline",
-            "--backbone-weights", str(data["weights"]), "--batch-size", "2",
-            *[f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items() if k not in ("backbone", "layers")],
-        ]),  # no --cpu: the processes must still cooperate
     ]
     reports = launch(2, jobs, data, tmp_path)
     assert images_per_rank(reports["folder"]) == [3, 2]
     assert images_per_rank(reports["stream"]) == [3, 2]
-    assert images_per_rank(reports["cli"]) == [3, 2]
-    for name in ("folder", "stream", "cli"):
+    for name in ("folder", "stream"):
         assert_equals_one_process_fit(tmp_path / name, data["references"]["five"])
+
+
+def test_cli_under_accelerate_launch_multi_gpu_on_cpus_runs_two_cooperating_processes(data, tmp_path):
+    # What the README tells CPU users: accelerate's --multi_gpu launcher (torchrun underneath), no --cpu flag.
+    # (`accelerate launch --cpu --num_processes 2` starts a single process: accelerate's simple launcher.)
+    output = tmp_path / "model"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "padim_hf.fit",
+        "--data", str(data["folder"]), "--output-dir", str(output), "--config", "padim-lite0-offline",
+        "--backbone-weights", str(data["weights"]), "--batch-size", "2",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items() if k not in ("backbone", "layers")],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-12000:]
+    lines = [line for line in result.stderr.splitlines() if "padim_hf.fit: process" in line]
+    assert sorted(line.split("padim_hf.fit: ")[1] for line in lines) == [
+        "process 0/2 (DistributedType.MULTI_CPU, cpu:0): 3 images",
+        "process 1/2 (DistributedType.MULTI_CPU, cpu:0): 2 images",
+    ]
+    assert result.stdout.count("fitted on 5 images") == 1  # only the main process saved
+    assert_equals_one_process_fit(output, data["references"]["five"])
 
 
 def test_three_processes_including_ones_that_get_no_image(data, tmp_path):
