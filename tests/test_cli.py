@@ -41,7 +41,7 @@ def test_fit_evaluate_predict_on_demo_data(demo_data, tmp_path, capsys):
     model = tmp_path / "model"
     run_cli("fit", "--data", demo_data, "--output-dir", model, *FAST_FIT)
     capsys.readouterr()
-    run_cli("evaluate", "--model", model, "--data", demo_data, "--json", "--cpu")
+    run_cli("evaluate", "--model", model, "--data", demo_data, "--json", "--cpu", "--calibration-fraction", "0.5")
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report) >= {"image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max"}
     assert report["pixel_auroc"] > 0.9
@@ -153,7 +153,7 @@ def test_offline_preset_on_hazelnut_reaches_paper_level_pixel_auroc(hazelnut, tm
     model = tmp_path / "model"
     run_cli("fit", "--data", hazelnut, "--output-dir", model, "--config", "padim-lite0-offline", "--cpu")
     capsys.readouterr()
-    run_cli("evaluate", "--model", model, "--data", hazelnut, "--json", "--cpu")
+    run_cli("evaluate", "--model", model, "--data", hazelnut, "--json", "--cpu", "--calibration-fraction", "0.5")
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["pixel_auroc"] >= 0.97
     assert report["image_threshold"] is not None
