@@ -1,10 +1,10 @@
-"""`padim-hf`: fit, evaluate, predict, push, demo."""
+"""`padim-hf`: fit, evaluate, predict, push, demo, export."""
 
 import argparse
 import logging
 import sys
 
-from . import demo, evaluate, fit, predict
+from . import demo, evaluate, export, fit, predict
 
 
 def push_main(argv: list[str]) -> None:
@@ -16,11 +16,15 @@ def push_main(argv: list[str]) -> None:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="branch to push to (created if missing)")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
+    parser.add_argument("--export", nargs="+", choices=("onnx", "openvino"), default=(),
+                        help="also export to these formats and upload them to onnx/ / openvino/ in the same commit")
     args = parser.parse_args(argv)
-    print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token))
+    print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+                     export=args.export))
 
 
-COMMANDS = {"fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main}
+COMMANDS = {"fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
+            "export": export.main}
 
 
 def main(argv: list[str] | None = None) -> None:
