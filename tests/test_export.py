@@ -159,3 +159,16 @@ def test_weights_above_2_gib_export_with_external_data(tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     (anomaly_map,) = session.run(["anomaly_map"], {"pixel_values": pixel_values.numpy()})
     assert relative_difference(anomaly_map, reference) <= PARITY
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_pipeline_runs_the_export(hazelnut_export, engine):
+    from transformers import pipeline
+
+    model_dir, tests, _, _ = hazelnut_export
+    reference = pipeline("anomaly-detection", model=str(model_dir))(list(map(str, tests[:3])))
+    results = pipeline("anomaly-detection", model=str(model_dir), engine=engine)(list(map(str, tests[:3])))
+    for result, expected in zip(results, reference):
+        assert result["label"] == expected["label"]
+        assert abs(result["score"] - expected["score"]) <= PARITY * expected["score"]
+        assert relative_difference(result["anomaly_map"], expected["anomaly_map"]) <= PARITY
