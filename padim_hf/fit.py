@@ -8,11 +8,7 @@ processes, and the main process factorises and writes the model directory atomic
 import argparse
 import importlib.resources
 import logging
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .configuration_padim import PadimConfig
 from .data import Collator, drop_unreadable, load_split
+from .files import atomic_model_directory, check_replaceable, dataset_reference
 from .gaussian import PatchStatistics
 from .image_processing_padim import PadimImageProcessor
 from .modeling_padim import PadimModel
@@ -61,7 +58,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
     parser.add_argument("--output-dir", required=True, type=Path, help="model directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PaDiM model directory (never any other folder)")
     add_data_arguments(parser)
     parser.add_argument("--split", default="train")
     parser.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
@@ -136,28 +133,19 @@ def reduce_statistics(statistics: PatchStatistics | None, accelerator: Accelerat
     )
 
 
-@contextmanager
-def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a temporary directory beside `target` that replaces it only if the block completes."""
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield temporary
-        if target.exists():
-            shutil.rmtree(target)
-        temporary.rename(target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+def atomic_directory(target: Path, overwrite: bool):
+    """Yields a staging directory beside `target` that replaces it only if the block completes (see files.py)."""
+    return atomic_model_directory(target, overwrite)
 
 
 def fit(args: argparse.Namespace) -> Path | None:
     """Runs the fit; returns the model directory on the main process."""
     preset = load_preset(args.config)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
-    if args.output_dir.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output_dir} exists; pass --overwrite to replace it")
+    if args.output_dir.exists():  # fail before the fit, not after it
+        if not args.overwrite:
+            raise FileExistsError(f"{args.output_dir} exists; pass --overwrite to replace it")
+        check_replaceable(args.output_dir)
     model = build_model(args, preset).to(accelerator.device)
     processor = PadimImageProcessor.from_padim_config(model.config)
     dataset = training_split(args)
@@ -180,7 +168,8 @@ def fit(args: argparse.Namespace) -> Path | None:
     output = None
     if accelerator.is_main_process:
         model.set_gaussian(statistics, release_statistics=True)
-        model.config.train_dataset = args.data if args.split == "train" else f"{args.data} ({args.split})"
+        source = dataset_reference(args.data)  # a folder name or Hub id: never an absolute local path
+        model.config.train_dataset = source if args.split == "train" else f"{source} ({args.split})"
         with atomic_directory(args.output_dir, args.overwrite) as staging:
             model.save_pretrained(staging)
         output = args.output_dir
