@@ -92,7 +92,13 @@ def calibrate(model: PadimModel) -> None:
     model.config.image_threshold = (highest_good + lowest_bad) / 2
     model.config.pixel_threshold = (highest_good + lowest_bad) / 2
     model.config.train_dataset = "synthetic fabric (spaces/synthetic.py)"
-    model.config.metrics = {"image_auroc": 1.0, "pixel_auroc": pixel_auroc, "dataset": "synthetic fabric, held out"}
+    # The shape `padim-hf evaluate` writes: scores, the dataset as {name, config, split}, and the image count.
+    model.config.metrics = {
+        "image_auroc": 1.0,
+        "pixel_auroc": pixel_auroc,
+        "dataset": {"name": "synthetic-fabric", "config": None, "split": "held_out"},
+        "num_images": len(good) + len(bad),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -297,7 +303,8 @@ def test_model_panel_lists_backbone_training_set_and_metrics(app):
     assert "synthetic fabric (spaces/synthetic.py) (8 defect-free images)" in text
     pixel_auroc = app.DETECTOR.config.metrics["pixel_auroc"]
     assert "| image auroc | 1.000 |" in text and f"| pixel auroc | {pixel_auroc:.3f} |" in text
-    assert "on synthetic fabric, held out" in text
+    assert "on `synthetic-fabric` (held_out split)" in text
+    assert "num" not in text and "{" not in text  # no image count among the metrics, no Python dict repr
     assert f"image {app.DETECTOR.thresholds().image:.2f}" in text
 
 
