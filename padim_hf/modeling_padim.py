@@ -76,6 +76,17 @@ def nearest_source_indices(in_size: int, out_size: int, device: torch.device) ->
     return (positions * scale).floor().long().clamp_(max=in_size - 1)
 
 
+def keep_dtype(fn):
+    """`fn` (a `Module._apply` conversion) limited to moving tensors: what device it would give is read from an
+    empty tensor, so nothing is ever cast, not even temporarily."""
+
+    def move(tensor: Tensor) -> Tensor:
+        target = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+        return tensor if target.device == tensor.device else tensor.to(target.device)
+
+    return move
+
+
 def gaussian_blur_separable(maps: Tensor, kernel_size: int, sigma: float) -> Tensor:
     """torchvision's `gaussian_blur` (reflect padding, normalised kernel) of (B, 1, H, W) maps as two 1-D passes.
 
@@ -164,6 +175,8 @@ class PadimPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     # The Gaussian must never be cast to half precision by `dtype=`: distances of nearby points would cancel.
     _keep_in_fp32_modules_strict = ["gaussian"]
+    # `device_map="auto"` must keep the model whole: the Gaussian is one block (PadimModel adds its backbone's class).
+    _no_split_modules = ["PadimGaussian"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # timm initialises the backbone and checkpoints carry every weight: transformers' re-initialisation in
@@ -181,7 +194,19 @@ class PadimModel(PadimPreTrainedModel):
         self.register_buffer("feature_indices", torch.tensor(config.feature_indices), persistent=False)
         # Where the backbone weights came from: None means timm's random initialisation.
         self.backbone_weights: str | None = None
+        # Read by post_init: neither the backbone nor the Gaussian may be split across devices by device_map.
+        self._no_split_modules = ["PadimGaussian", type(self.backbone).__name__]
         self.post_init()
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.half()`, `.to(dtype)`, `.bfloat16()`... cast the backbone only: the Gaussian keeps its dtypes (float32
+        mean, the configured storage for the factor) and only follows the device. Casting it would make distances
+        of nearby points cancel; `from_pretrained(dtype=...)` is covered by `_keep_in_fp32_modules_strict`."""
+        if not recurse:
+            return super()._apply(fn, recurse=False)
+        for module in self.children():
+            module._apply(keep_dtype(fn) if module is self.gaussian else fn)
+        return super()._apply(fn, recurse=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Non-persistent buffers come back uninitialised from meta-device loading; refill them from the config.
@@ -396,8 +421,10 @@ class PadimModel(PadimPreTrainedModel):
                 anomaly_map = gaussian_blur_separable(anomaly_map, kernel, self.config.blur_sigma)
             pred_score = anomaly_map.amax(dim=(1, 2, 3))
         pred_label = None if self.config.image_threshold is None else pred_score >= self.config.image_threshold
-        output = PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
-        return output if return_dict is not False else output.to_tuple()
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not return_dict:  # always three entries, pred_label None when uncalibrated, so unpacking never shifts
+            return anomaly_map, pred_score, pred_label
+        return PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
 
     def _check_pixel_values(self, pixel_values: Tensor) -> None:
         size = self.config.input_size
