@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Collator, decode_image, drop_unreadable, load_split
+from .files import atomic_model_directory, dataset_reference
 from .fit import add_data_arguments
 from .image_processing_padim import PadimImageProcessor
 from .metrics import aupro, auroc, f1_max
@@ -120,13 +121,14 @@ def evaluate(args: argparse.Namespace) -> dict:
     config.score_min, config.score_max = float(min(result["scores"])), float(max(result["scores"]))
     config.metrics = {
         **{k: (round(v, 6) if math.isfinite(v) else None) for k, v in metrics.items()},
-        "dataset": {"name": args.data, "config": args.hub_config, "split": args.split},
+        "dataset": {"name": dataset_reference(args.data), "config": args.hub_config, "split": args.split},
         "num_images": len(result["scores"]),
     }
     target = Path(args.output_dir or args.model)
     if not args.no_save:
-        if args.output_dir:
-            model.save_pretrained(target)
+        if args.output_dir:  # replaces only a PaDiM model (or empty folder) there, crash-safely
+            with atomic_model_directory(target, overwrite=True) as staging:
+                model.save_pretrained(staging)
         elif not Path(args.model).is_dir():
             raise ValueError(f"{args.model} is not a local directory: pass --output-dir to save the evaluated model")
         else:
