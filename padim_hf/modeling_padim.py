@@ -221,18 +221,34 @@ class PadimModel(PadimPreTrainedModel):
         """
         from .hub import explain_load_error
 
+        from safetensors import SafetensorError
+
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches ourselves, with names and shapes
+        name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if "config" not in kwargs:  # transformers only warns when config.json names another model type
+            options = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
+            config_dict, _ = PadimConfig.get_config_dict(name, **{k: kwargs[k] for k in options if k in kwargs})
+            if config_dict.get("model_type") != PadimConfig.model_type:
+                raise ValueError(f"{name} holds a {config_dict.get('model_type')!r} model, not a PaDiM model (model_type 'padim')")
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(f"cannot read the weights of {name} (corrupt or truncated safetensors file): {error}") from error
         except OSError as error:  # e.g. an uncached repo id under HF_HUB_OFFLINE=1
-            clearer = explain_load_error(args[0] if args else kwargs.get("pretrained_model_name_or_path"), error)
+            clearer = explain_load_error(name, error)
             if clearer is error:
                 raise
             raise clearer from error
         problems = []
         if info.get("missing_keys"):
             problems.append(f"missing tensors {sorted(info['missing_keys'])}")
+        if info.get("unexpected_keys"):  # a checkpoint of another layout: loading it would silently ignore parts
+            problems.append(f"unexpected tensors {sorted(info['unexpected_keys'])}")
+        for key, tensor in model.gaussian.state_dict(prefix="gaussian.").items():
+            # One float64 sum: NaN and infinity propagate, finite values cannot overflow, no tensor-sized mask.
+            if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+                problems.append(f"non-finite values in {key} (NaN or infinity)")
         for key, *shapes in info.get("mismatched_keys") or []:
             problems.append(f"{key} has shape {tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} from the config")
         if problems:
