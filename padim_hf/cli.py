@@ -1,10 +1,10 @@
-"""`padim-hf`: fit, evaluate, predict, push, demo."""
+"""`padim-hf`: fit, evaluate, predict, push, demo, benchmark."""
 
 import argparse
 import logging
 import sys
 
-from . import demo, evaluate, fit, predict
+from . import benchmark, demo, evaluate, fit, predict
 
 
 def push_main(argv: list[str]) -> None:
@@ -20,7 +20,7 @@ def push_main(argv: list[str]) -> None:
     print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token))
 
 
-COMMANDS = {"fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main}
+COMMANDS = {"fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main, "benchmark": benchmark.main}
 
 
 def main(argv: list[str] | None = None) -> None:
