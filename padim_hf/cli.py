@@ -1,10 +1,10 @@
-"""`padim-hf`: fit, evaluate, predict, push, demo."""
+"""`padim-hf`: fit, evaluate, predict, push, demo, benchmark."""
 
 import argparse
 import logging
 import sys
 
-from . import demo, evaluate, fit, predict
+from . import benchmark, demo, evaluate, fit, predict
 from .hub import HubPushError
 
 
@@ -21,7 +21,10 @@ def push_main(argv: list[str]) -> None:
     print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token))
 
 
-COMMANDS = {"fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main}
+COMMANDS = {
+    "fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
+    "benchmark": benchmark.main,
+}
 # Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says what
 # to fix. Anything else (a CUDA out-of-memory error, a bug) keeps its traceback: hiding it would hide the cause.
 EXPECTED_ERRORS = (ValueError, OSError, HubPushError)

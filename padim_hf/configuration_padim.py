@@ -67,7 +67,10 @@ class PadimConfig(PreTrainedConfig):
             evaluation (the threshold maps to 0.5).
         num_train_images (`int`): images the Gaussian was fitted on (0: not fitted).
         train_dataset (`str`, *optional*): where the training images came from.
-        metrics (`dict`, *optional*): evaluation results, e.g. `{"image_auroc": 0.98}`.
+        metrics (`dict`, *optional*): evaluation results, e.g. `{"image_auroc": 0.98}`, with the dataset, split,
+            number of images and protocol they were computed on.
+        calibration (`dict`, *optional*): where the thresholds and score range came from: dataset, split, fraction,
+            seed and the list of calibration images (left out of `metrics`).
     """
 
     model_type = "padim"
@@ -91,6 +94,7 @@ class PadimConfig(PreTrainedConfig):
     num_train_images: int = 0
     train_dataset: str | None = None
     metrics: dict | None = None
+    calibration: dict | None = None
 
     def __post_init__(self, **kwargs):
         if __name__ == "padim_hf.configuration_padim":

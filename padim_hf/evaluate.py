@@ -1,27 +1,93 @@
-"""Evaluate a fitted model on a labelled test split; store thresholds, normalisation and metrics in its config."""
+"""Evaluate a fitted model on a labelled test split: `evaluate_padim` (Python) or `padim-hf evaluate`.
+
+Protocol (`protocol="model"`, the default, as the paper and anomalib): pixel metrics at the model's input
+resolution; masks are resized like the images (nearest neighbour at pixel centres, like PIL's NEAREST in the
+paper's code) and centre-cropped with the image processor's own crop. `protocol="original"`: maps are mapped back
+to each image's original size as `predict` writes them (bilinear; with a crop preset the margin the model never
+saw is filled by extending the map's border values, and those margin pixels are scored like any other).
+
+Pixel metrics stream through fixed-size histograms (`StreamingPixelMetrics`): memory does not grow with the
+number of images. Under `torchrun`/`accelerate launch` each process scores a contiguous shard and the states are
+summed, so several processes give the same figures as one.
+
+Calibration (thresholds, score normalisation) is chosen on calibration images that the reported metrics exclude:
+a separate split, or a seeded, label-stratified fraction of the test split. Without calibration images no
+threshold is chosen (AUROC, AUPRO and F1-max need none).
+"""
 
 import argparse
 import json
 import math
 import os
 import tempfile
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib
 import numpy as np
+import PIL.Image
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
+from datasets import Dataset
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Collator, decode_image, drop_unreadable, load_split
-from .files import atomic_model_directory, dataset_reference
-from .fit import add_data_arguments
+from .files import atomic_model_directory, without_local_paths
+from .fit import add_data_arguments, make_accelerator
 from .image_processing_padim import PadimImageProcessor
-from .metrics import aupro, auroc, f1_max
+from .metrics import StreamingPixelMetrics, auroc, f1_max
 from .modeling_padim import PadimModel
 from .postprocess import overlay_heatmap
 
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max")
+PROTOCOLS = ("model", "original")
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of one evaluation (NaN where undefined, e.g. pixel metrics without masks) and its calibration.
+
+    Thresholds and `score_min`/`score_max` come from the calibration images only (None without them).
+    """
+
+    image_auroc: float
+    pixel_auroc: float
+    pixel_aupro: float
+    image_f1_max: float
+    pixel_f1_max: float
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    score_min: float | None = None
+    score_max: float | None = None
+    protocol: str = "model"
+    num_images: int = 0
+    num_anomalous: int = 0
+    num_calibration_images: int = 0
+    calibration: dict | None = None
+    num_processes: int = 1
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    scores: list[float] = field(default_factory=list, repr=False)  # per evaluated image, in dataset order
+    paths: list[str] = field(default_factory=list, repr=False)
+
+    def metrics(self) -> dict[str, float | None]:
+        """The five metrics, None where undefined."""
+        return {name: _finite_or_none(getattr(self, name)) for name in METRIC_NAMES}
+
+    def report(self) -> dict:
+        """What the CLI prints: metrics, thresholds, and what they were computed on."""
+        keys = ("image_threshold", "pixel_threshold", "protocol", "num_images", "num_calibration_images", "num_processes")
+        return self.metrics() | {key: getattr(self, key) for key in keys}
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if key not in ("scores", "paths")}
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def load_fitted(name: str, cpu: bool = False) -> tuple[PadimModel, PadimImageProcessor]:
@@ -33,59 +99,272 @@ def load_fitted(name: str, cpu: bool = False) -> tuple[PadimModel, PadimImagePro
     return model, PadimImageProcessor.from_pretrained(name)
 
 
-@torch.no_grad()
-def predict_split(model: PadimModel, processor: PadimImageProcessor, dataset, batch_size: int, with_masks: bool) -> dict:
-    """Scores, labels, paths and (with masks) ground truth and maps at each image's original size."""
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(processor, with_masks=with_masks))
-    device = model.gaussian.mean.device
-    result = {"scores": [], "labels": [], "paths": [], "maps": [], "masks": []}
-    for batch in tqdm(loader, unit="batch", desc="evaluate"):
-        output = model(batch["pixel_values"].to(device))
-        result["scores"].extend(output.pred_score.cpu().tolist())
-        result["labels"].extend(batch["labels"].tolist())
-        result["paths"].extend(batch["paths"])
-        if with_masks:
-            maps = processor.post_process_anomaly_maps(output.anomaly_map.cpu(), batch["sizes"])
-            result["maps"].extend(m.numpy() for m in maps)
-            result["masks"].extend(batch["masks"])
+def masks_at_model_resolution(masks: list[np.ndarray], processor: PadimImageProcessor) -> list[np.ndarray]:
+    """Ground-truth masks (H, W) transformed like the images: resized to the processor's size with PIL's NEAREST
+    (pixel-centre aligned like the images' resize; what the paper's code does to masks), then centre-cropped with
+    the processor's crop offsets.
+
+    PIL rather than torchvision's NEAREST_EXACT: the two round a few pixel centres differently at non-integer
+    scales (256 -> 80 moves ~1% of a small defect's pixels), and PIL is the reference protocol.
+    """
+    height, width = processor.size["height"], processor.size["width"]
+    result = []
+    for mask in masks:
+        resized = PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((width, height), PIL.Image.NEAREST)
+        resized = np.asarray(resized) > 127
+        if processor.do_center_crop:
+            crop_height, crop_width = processor.crop_size["height"], processor.crop_size["width"]
+            top, left = int((height - crop_height) / 2.0), int((width - crop_width) / 2.0)  # as center_crop does
+            resized = resized[top : top + crop_height, left : left + crop_width]
+        result.append(resized)
     return result
 
 
-def compute_metrics(result: dict) -> tuple[dict, float, float]:
-    """(metrics, image F1 threshold, pixel F1 threshold) from `predict_split`'s output."""
-    scores, labels = np.asarray(result["scores"]), np.asarray(result["labels"])
-    image_f1, image_threshold = f1_max(labels, scores)
-    metrics = {"image_auroc": auroc(labels, scores), "image_f1_max": image_f1}
-    pixel_threshold = float("nan")
-    if result["masks"]:
-        # Pixel metrics at each image's original resolution; images of different sizes are flattened together.
-        flat_masks = np.concatenate([m.ravel() for m in result["masks"]])
-        flat_maps = np.concatenate([m.ravel() for m in result["maps"]])
-        metrics["pixel_auroc"] = auroc(flat_masks, flat_maps)
-        metrics["pixel_f1_max"], pixel_threshold = f1_max(flat_masks, flat_maps)
-        same_size = len({m.shape for m in result["masks"]}) == 1
-        metrics["pixel_aupro"] = (
-            aupro(np.stack(result["masks"]), np.stack(result["maps"]))
-            if same_size
-            else float(np.mean([aupro(m[None], p[None]) for m, p in zip(result["masks"], result["maps"]) if m.any()]))
+class EvaluationCollator(Collator):
+    """The fit/predict collator plus masks in the evaluation protocol's geometry (done in the loader's workers)."""
+
+    def __init__(self, processor: PadimImageProcessor, protocol: str):
+        super().__init__(processor, with_masks=True)
+        self.protocol = protocol
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = super().__call__(rows)
+        if self.protocol == "model":
+            batch["masks"] = masks_at_model_resolution(batch["masks"], self.processor)
+        return batch
+
+
+def check_masks(dataset: Dataset) -> bool:
+    """Whether pixel metrics can be computed: every anomalous image has a mask (False when none has one)."""
+    labels, masks = dataset["label"], dataset["mask"]
+    with_mask = [mask is not None for mask in masks]
+    if not any(with_mask):
+        return False
+    missing = [index for index, (label, has) in enumerate(zip(labels, with_mask)) if label == 1 and not has]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} anomalous images have no ground-truth mask (first: {dataset[missing[0]]['path']}); "
+            "pixel metrics need a mask for every anomalous image"
         )
-    return metrics, image_threshold, pixel_threshold
+    return True
 
 
-def write_gallery(result: dict, dataset, path: Path, vmin: float, vmax: float, count: int = 8) -> None:
-    """A grid of test images with their heatmaps (anomalous first), for the model card."""
+def calibration_subset(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(evaluation images, calibration images): a seeded split of `dataset`, stratified by label, with `fraction`
+    of the images (at least one per label) for calibration."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"calibration fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(dataset["label"])
+    counts = {int(label): int((labels == label).sum()) for label in np.unique(labels)}
+    if min(counts.values()) < 2:
+        raise ValueError(f"a calibration split stratified by label needs >= 2 images per label, got {counts}")
+    try:
+        evaluation, calibration = train_test_split(
+            np.arange(len(dataset)), test_size=fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as error:  # e.g. a fraction too small to hold one image of each label
+        raise ValueError(f"cannot take a calibration fraction {fraction} of {len(dataset)} images {counts}: {error}") from error
+    return dataset.select(sorted(evaluation)), dataset.select(sorted(calibration))
+
+
+@dataclass
+class SplitScores:
+    """Image scores of a split (all processes, dataset order) and its summed pixel-metric state."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+    pixels: StreamingPixelMetrics | None
+
+
+@torch.no_grad()
+def score_split(
+    model: PadimModel,
+    processor: PadimImageProcessor,
+    dataset: Dataset,
+    accelerator: Accelerator,
+    *,
+    protocol: str = "model",
+    batch_size: int = 16,
+    num_workers: int = 0,
+    num_bins: int = 2**20,
+    progress: bool = True,
+    description: str = "evaluate",
+) -> SplitScores:
+    """Scores `dataset` (this process's contiguous shard of it) and combines the results of all processes."""
+    with_masks = check_masks(dataset)
+    shard = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    loader = DataLoader(
+        shard, batch_size=batch_size, num_workers=num_workers, collate_fn=EvaluationCollator(processor, protocol)
+    )
+    device = model.gaussian.mean.device
+    pixels = StreamingPixelMetrics(num_bins) if with_masks else None
+    scores, labels, paths = [], [], []
+    for batch in tqdm(loader, unit="batch", desc=description, disable=not (progress and accelerator.is_local_main_process)):
+        output = model(batch["pixel_values"].to(device))
+        scores.extend(output.pred_score.float().cpu().tolist())
+        labels.extend(batch["labels"].tolist())
+        paths.extend(batch["paths"])
+        if pixels is not None:
+            maps = output.anomaly_map[:, 0].float().cpu()
+            if protocol == "original":
+                maps = processor.post_process_anomaly_maps(output.anomaly_map.float().cpu(), batch["sizes"])
+            pixels.update(maps, batch["masks"])
+    # gather_object concatenates the processes' lists in rank order: the shards are contiguous, so this is
+    # dataset order. Each list holds one float per image (the only per-image state).
+    scores, labels, paths = gather_object(scores), gather_object(labels), gather_object(paths)
+    if pixels is not None:
+        pixels.all_reduce_()
+    return SplitScores(np.asarray(scores, dtype=np.float64), np.asarray(labels), list(paths), pixels)
+
+
+def evaluate_padim(
+    model: PadimModel,
+    dataset: Dataset,
+    *,
+    processor: PadimImageProcessor | None = None,
+    protocol: str = "model",
+    calibration: Dataset | float | None = None,
+    calibration_seed: int = 0,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    accelerator: Accelerator | None = None,
+    num_bins: int = 2**20,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Image AUROC, pixel AUROC, AUPRO and F1-max of a fitted model on a labelled split (see the module docstring).
+
+    `dataset`: rows with image, mask (None for good images), label (0 good, 1 anomalous) and path, e.g. from
+    `padim_hf.data.load_split`. `calibration`: a Dataset of calibration images, or a fraction of `dataset` drawn
+    with `calibration_seed` (stratified by label); its images are left out of the metrics and give the
+    thresholds and score range. Runs on the model's device; under `torchrun` pass an `Accelerator(cpu=...)` of
+    the launched processes.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "select"):
+        raise TypeError("evaluate_padim needs a map-style datasets.Dataset (not a streamed IterableDataset)")
+    processor = processor or PadimImageProcessor.from_padim_config(model.config)
+    accelerator = accelerator or make_accelerator(cpu=model.gaussian.mean.device.type == "cpu")
+    calibration_info = None
+    if isinstance(calibration, (int, float)) and not isinstance(calibration, bool):
+        dataset, calibration_set = calibration_subset(dataset, float(calibration), calibration_seed)
+        calibration_info = {"fraction": float(calibration), "seed": calibration_seed, "stratified_by": "label"}
+    elif calibration is None or isinstance(calibration, Dataset):
+        calibration_set = calibration
+    else:
+        raise TypeError(f"calibration must be a Dataset, a fraction or None, got {type(calibration).__name__}")
+    model.eval()
+    options = dict(protocol=protocol, batch_size=batch_size, num_workers=num_workers, num_bins=num_bins, progress=progress)
+    started = time.perf_counter()
+    evaluated = score_split(model, processor, dataset, accelerator, **options)
+    calibrated = None
+    if calibration_set is not None:
+        calibrated = score_split(model, processor, calibration_set, accelerator, description="calibrate", **options)
+    seconds = time.perf_counter() - started
+    image_f1, _ = f1_max(evaluated.labels, evaluated.scores)
+    pixel = evaluated.pixels.compute() if evaluated.pixels is not None else {}
+    result = EvaluationResult(
+        image_auroc=auroc(evaluated.labels, evaluated.scores),
+        pixel_auroc=pixel.get("pixel_auroc", float("nan")),
+        pixel_aupro=pixel.get("pixel_aupro", float("nan")),
+        image_f1_max=image_f1,
+        pixel_f1_max=pixel.get("pixel_f1_max", float("nan")),
+        protocol=protocol,
+        num_images=len(evaluated.scores),
+        num_anomalous=int((evaluated.labels == 1).sum()),
+        num_processes=accelerator.num_processes,
+        seconds=seconds,
+        scores=evaluated.scores.tolist(),
+        paths=evaluated.paths,
+    )
+    if calibrated is not None:
+        _, image_threshold = f1_max(calibrated.labels, calibrated.scores)
+        pixel_threshold = calibrated.pixels.compute()["pixel_threshold"] if calibrated.pixels is not None else None
+        result.image_threshold = _finite_or_none(image_threshold)
+        result.pixel_threshold = _finite_or_none(pixel_threshold)
+        result.score_min, result.score_max = float(calibrated.scores.min()), float(calibrated.scores.max())
+        result.num_calibration_images = len(calibrated.scores)
+        result.calibration = (calibration_info or {}) | {"num_images": len(calibrated.paths), "images": calibrated.paths}
+    total = result.num_images + result.num_calibration_images
+    result.images_per_second = total / seconds if seconds > 0 else float("nan")
+    return result
+
+
+def relative_paths(paths: list[str], root: str | None) -> list[str]:
+    """Image paths relative to the dataset folder when they lie in it (config.json carries no local prefix)."""
+    if root is None or not Path(root).is_dir():
+        return list(paths)
+    base = Path(root).resolve()
+    relative = []
+    for path in paths:
+        try:
+            relative.append(Path(path).resolve().relative_to(base).as_posix())
+        except ValueError:
+            relative.append(path)
+    return relative
+
+
+def record_evaluation(model: PadimModel, result: EvaluationResult, dataset: dict, calibration: dict | None = None) -> None:
+    """Writes metrics (and, when calibrated, thresholds, score range and which images calibrated) into the config.
+
+    `dataset`: {"name", "config", "split"} of the evaluated images; `calibration`: the same for a separate
+    calibration split (None: the calibration images came from `dataset`). Without calibration the model keeps
+    the thresholds it had (from an earlier calibration, recorded in `config.calibration`).
+    """
+    config = model.config
+    config.metrics = {
+        **{name: (round(value, 6) if value is not None else None) for name, value in result.metrics().items()},
+        "dataset": dataset,
+        "num_images": result.num_images,
+        "protocol": result.protocol,
+        "calibration_images_excluded": result.num_calibration_images,
+    }
+    if result.calibration is not None:
+        config.image_threshold, config.pixel_threshold = result.image_threshold, result.pixel_threshold
+        config.score_min, config.score_max = result.score_min, result.score_max
+        source = calibration or dataset
+        config.calibration = {
+            "dataset": source,
+            **{key: value for key, value in result.calibration.items() if key != "images"},
+            "images": relative_paths(result.calibration["images"], source.get("name")),
+        }
+    # Stored (and published) as Hub ids and folder names: never a local absolute path (files.without_local_paths).
+    config.metrics = without_local_paths(config.metrics)
+    if config.calibration is not None:
+        config.calibration = without_local_paths(config.calibration)
+
+
+def write_gallery(
+    model: PadimModel, processor: PadimImageProcessor, dataset: Dataset, result: EvaluationResult, path: Path, count: int = 8
+) -> None:
+    """A grid of evaluated images with their heatmaps (anomalous first), for the model card; only these few
+    images are scored again, at their original size."""
     import matplotlib.pyplot as plt
 
-    order = np.argsort(-np.asarray(result["labels"]), kind="stable")[:count]
-    columns = min(4, len(order))
-    rows = math.ceil(len(order) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    evaluated = set(result.paths)
+    candidates = [index for index, row_path in enumerate(dataset["path"]) if row_path in evaluated]
+    labels = dataset["label"]
+    chosen = sorted(candidates, key=lambda index: -labels[index])[:count]  # stable: anomalous first, then in order
+    if not chosen:
+        return
+    rows = [dataset[index] for index in chosen]
+    images = [decode_image(row["image"], row["path"]) for row in rows]
+    with torch.no_grad():
+        output = model(processor(images, return_tensors="pt")["pixel_values"].to(model.gaussian.mean.device))
+    maps = processor.post_process_anomaly_maps(output.anomaly_map.float().cpu(), [image.size[::-1] for image in images])
+    vmin = result.score_min if result.score_min is not None else min(result.scores)
+    vmax = result.score_max if result.score_max is not None else max(result.scores)
+    columns = min(4, len(rows))
+    lines = math.ceil(len(rows) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(3 * columns, 3.2 * lines), squeeze=False)
     for axis in axes.ravel():
         axis.axis("off")
-    for axis, index in zip(axes.ravel(), order):
-        image = decode_image(dataset[int(index)]["image"], result["paths"][index])
-        axis.imshow(overlay_heatmap(image, result["maps"][index], vmin, vmax))
-        axis.set_title(f"{Path(result['paths'][index]).parent.name} {result['scores'][index]:.1f}", fontsize=9)
+    for axis, row, image, anomaly_map, score in zip(axes.ravel(), rows, images, maps, output.pred_score.tolist()):
+        axis.imshow(overlay_heatmap(image, anomaly_map.numpy(), vmin, vmax))
+        axis.set_title(f"{Path(row['path']).parent.name} {score:.1f}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
@@ -103,47 +382,66 @@ def update_config_file(model_dir: Path, model: PadimModel) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    model, processor = load_fitted(args.model, args.cpu)
-    dataset = load_split(
-        args.data, args.split, config=args.hub_config, image_column=args.image_column,
-        mask_column=args.mask_column, label_column=args.label_column,
-    )
+    """`padim-hf evaluate`: loads model and data as the arguments say, calls `evaluate_padim`, stores the results;
+    returns `EvaluationResult.report()`."""
+    if args.calibration_split and args.calibration_fraction:
+        raise ValueError("pass either --calibration-split or --calibration-fraction, not both")
+    accelerator = make_accelerator(cpu=args.cpu)
+    model, processor = load_fitted(args.model, cpu=True)
+    model.to(accelerator.device)
+    options = dict(config=args.hub_config, image_column=args.image_column, mask_column=args.mask_column, label_column=args.label_column)
+    dataset = load_split(args.data, args.split, **options)
+    calibration = args.calibration_fraction
+    if args.calibration_split:
+        if args.calibration_split == args.split:
+            raise ValueError(f"--calibration-split {args.split} is the evaluated split: its images would be in the metrics")
+        calibration = load_split(args.data, args.calibration_split, **options)
     if args.skip_unreadable:
         dataset, problems = drop_unreadable(dataset)
+        if isinstance(calibration, Dataset):
+            calibration, more = drop_unreadable(calibration)
+            problems += more
         for problem in problems:
             print(f"skipped: {problem}")
-    with_masks = any(value is not None for value in dataset["mask"])
-    result = predict_split(model, processor, dataset, args.batch_size, with_masks)
-    metrics, image_threshold, pixel_threshold = compute_metrics(result)
-    config = model.config
-    config.image_threshold = image_threshold if math.isfinite(image_threshold) else None
-    config.pixel_threshold = pixel_threshold if math.isfinite(pixel_threshold) else None
-    config.score_min, config.score_max = float(min(result["scores"])), float(max(result["scores"]))
-    config.metrics = {
-        **{k: (round(v, 6) if math.isfinite(v) else None) for k, v in metrics.items()},
-        "dataset": {"name": dataset_reference(args.data), "config": args.hub_config, "split": args.split},
-        "num_images": len(result["scores"]),
-    }
-    target = Path(args.output_dir or args.model)
-    if not args.no_save:
-        if args.output_dir:  # replaces only a PaDiM model (or empty folder) there, crash-safely
+    result = evaluate_padim(
+        model, dataset, processor=processor, protocol=args.protocol, calibration=calibration,
+        calibration_seed=args.calibration_seed, batch_size=args.batch_size, num_workers=args.num_workers,
+        accelerator=accelerator,
+    )
+    described = {"name": args.data, "config": args.hub_config, "split": args.split}
+    calibration_source = {**described, "split": args.calibration_split} if args.calibration_split else None
+    record_evaluation(model, result, described, calibration_source)
+    if not args.no_save and accelerator.is_main_process:
+        target = Path(args.output_dir or args.model)
+        if args.output_dir:  # replaces only a PaDiM model (or an empty folder) there, crash-safely
             with atomic_model_directory(target, overwrite=True) as staging:
                 model.save_pretrained(staging)
         elif not Path(args.model).is_dir():
             raise ValueError(f"{args.model} is not a local directory: pass --output-dir to save the evaluated model")
         else:
             update_config_file(target, model)
-        if with_masks:
-            write_gallery(result, dataset, target / "gallery.png", config.score_min, config.score_max)
-    return {name: metrics.get(name) for name in METRIC_NAMES} | {
-        "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold,
-    }
+        if not math.isnan(result.pixel_auroc):
+            write_gallery(model, processor, dataset, result, target / "gallery.png")
+    if result.calibration is None and accelerator.is_main_process:
+        print("note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set")
+    return result.report()
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory or Hub repo id")
     add_data_arguments(parser)
     parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="model",
+        help="model: pixel metrics at the model's input resolution, masks resized and cropped like the images "
+        "(the paper's protocol); original: at each image's size, a crop margin filled with the map's border values",
+    )
+    parser.add_argument("--calibration-split", help="split whose images choose thresholds and score range")
+    parser.add_argument(
+        "--calibration-fraction", type=float,
+        help="take this fraction of the evaluated split (stratified by label) for calibration instead; left out of the metrics",
+    )
+    parser.add_argument("--calibration-seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--output-dir", help="save the evaluated model here (required for Hub models)")
     parser.add_argument("--no-save", action="store_true", help="do not store thresholds and metrics")
@@ -156,14 +454,17 @@ def print_report(report: dict, as_json: bool) -> None:
         return
     width = max(map(len, report))
     for name, value in report.items():
-        print(f"{name:<{width}}  {'n/a' if value is None else f'{value:.4f}'}")
+        text = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        print(f"{name:<{width}}  {text}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="padim-hf evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="padim-hf evaluate", description=__doc__.splitlines()[0])
     add_evaluate_arguments(parser)
     args = parser.parse_args(argv)
-    print_report(evaluate(args), args.json)
+    report = evaluate(args)
+    if PartialState().is_main_process:
+        print_report(report, args.json)
 
 
 if __name__ == "__main__":

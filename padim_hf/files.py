@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ MODEL_FILE_PATTERNS = (
 )
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
 
 
 def is_model_file(relative: str) -> bool:
@@ -195,10 +196,31 @@ def dataset_reference(source: str | os.PathLike | None) -> str | None:
     if source is None:
         return None
     text = str(source)
+    if WINDOWS_PATH.match(text):
+        return PureWindowsPath(text).name or text
     path = Path(text).expanduser()
     if HUB_ID.match(text) and not path.exists() and ".." not in text:
         return text
     return path.resolve().name or text.strip("/\\") or "."
+
+
+def without_local_paths(value):
+    """`value` (JSON-like: dicts, lists, strings) with every absolute local path reduced to its last component, and
+    dataset references (`train_dataset`, a dataset's `name`) to Hub ids or folder names (`dataset_reference`)."""
+    if isinstance(value, dict):
+        return {
+            key: dataset_reference(item) if key in ("train_dataset", "name") and isinstance(item, str) else without_local_paths(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and is_absolute_path(value):
+        return PureWindowsPath(value).name if WINDOWS_PATH.match(value) else Path(value).expanduser().name
+    return value
+
+
+def is_absolute_path(text: str) -> bool:
+    return text.startswith(("/", "~")) or WINDOWS_PATH.match(text) is not None
 
 
 __all__ = [
@@ -213,4 +235,5 @@ __all__ = [
     "is_padim_model_directory",
     "model_files",
     "replace_directory",
+    "without_local_paths",
 ]

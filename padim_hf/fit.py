@@ -199,6 +199,13 @@ class _ImageStream(TorchIterableDataset):
                 yield {"image": item, "path": f"item {index}"}
 
 
+def contiguous_shard(length: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, stop) of process `rank`'s contiguous part of `length` items; the first `length % world` get one more."""
+    size, extra = divmod(length, world)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
 def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDataset | TorchIterableDataset:
     """This process's part of `data`: contiguous shards of a Dataset/Sequence, a split IterableDataset, or every
     world-th item of another iterable."""
@@ -206,6 +213,10 @@ def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDatase
         columns = data.column_names or list(data.features or {})
         if columns and "image" not in columns:
             raise ValueError(f"the dataset has no 'image' column; columns: {columns} (see padim_hf.data for the layout)")
+        if isinstance(data, Dataset):
+            # datasets' own contiguous shard (and select(range(n, n))) fails on an empty one (2 rows, 3 processes).
+            start, stop = contiguous_shard(len(data), rank, world)
+            return data.select(range(start, stop) if stop > start else [])
         return split_dataset_by_node(data, rank=rank, world_size=world) if world > 1 else data
     if isinstance(data, (str, Path)) or not isinstance(data, Iterable):
         raise TypeError(
@@ -213,7 +224,7 @@ def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDatase
             " (for a folder use training_split(path))"
         )
     if isinstance(data, Sequence):
-        start, stop = len(data) * rank // world, len(data) * (rank + 1) // world
+        start, stop = contiguous_shard(len(data), rank, world)
         return _ImageStream(data[start:stop], first=start)
     return _ImageStream(data, start=rank, step=world)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from .files import dataset_reference, model_files
+from .files import model_files, without_local_paths
 from .modelcard import model_card_for_directory
 
 logger = logging.getLogger(__name__)
@@ -68,20 +68,12 @@ def local_files(model_dir: Path) -> list[str]:
 
 
 def public_config(model_dir: Path) -> bytes | None:
-    """config.json with its dataset references reduced to Hub ids or folder names (`files.dataset_reference`), or
-    None when it needs no change. Models written by older versions may record absolute local paths."""
+    """config.json with dataset references reduced to Hub ids or folder names and any other absolute local path to
+    its last component (`files.without_local_paths`), or None when it needs no change (models written by older
+    versions may record absolute paths)."""
     config = json.loads((model_dir / "config.json").read_text())
-    changed = False
-    if config.get("train_dataset"):
-        public = dataset_reference(config["train_dataset"])
-        changed |= public != config["train_dataset"]
-        config["train_dataset"] = public
-    dataset = (config.get("metrics") or {}).get("dataset")
-    if isinstance(dataset, dict) and dataset.get("name"):
-        public = dataset_reference(dataset["name"])
-        changed |= public != dataset["name"]
-        dataset["name"] = public
-    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode() if changed else None
+    public = without_local_paths(config)
+    return None if public == config else (json.dumps(public, indent=2, sort_keys=True) + "\n").encode()
 
 
 def resolve_token(token: str | None) -> str:

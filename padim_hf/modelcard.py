@@ -6,6 +6,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_padim import PadimConfig
+from .files import dataset_reference, without_local_paths
 
 GALLERY_FILE = "gallery.png"
 # The Hub has no anomaly-detection task; pixel maps and masks make image segmentation the closest listed task,
@@ -154,17 +155,39 @@ def evaluation_section(config: PadimConfig) -> str:
     rows = "\n".join(
         f"| {label} | {float(metrics[key]):.4f} |" for key, (_, label, _) in METRIC_NAMES.items() if metrics.get(key) is not None
     )
-    thresholds = []
-    if config.image_threshold is not None:
-        thresholds.append(f"image threshold {config.image_threshold:.4g}")
-    if config.pixel_threshold is not None:
-        thresholds.append(f"pixel threshold {config.pixel_threshold:.4g}")
-    calibrated = (
-        f"\n\nF1-optimal thresholds on raw scores, used for labels and masks: {', '.join(thresholds)}."
-        if thresholds
-        else ""
+    protocol = {
+        "model": "Pixel metrics at the model's input resolution, masks resized and cropped like the images "
+        "(the PaDiM paper's protocol).",
+        "original": "Pixel metrics at each image's original resolution.",
+    }.get(metrics.get("protocol"), "")
+    return (
+        f"## Evaluation\n\nOn {where}:\n\n| Metric | Value |\n|---|---|\n{rows}\n\n{protocol}"
+        f"\n\n{calibration_text(config)}"
     )
-    return f"## Evaluation\n\nOn {where}:\n\n| Metric | Value |\n|---|---|\n{rows}{calibrated}"
+
+
+def calibration_text(config: PadimConfig) -> str:
+    """Which images chose the thresholds and score range, and that the metrics above exclude them."""
+    thresholds = [f"image threshold {config.image_threshold:.4g}" if config.image_threshold is not None else None,
+                  f"pixel threshold {config.pixel_threshold:.4g}" if config.pixel_threshold is not None else None]
+    listed = ", ".join(t for t in thresholds if t)
+    calibration = config.calibration
+    if not calibration:
+        if not listed:
+            return "No thresholds are calibrated: scores are raw Mahalanobis distances."
+        return f"Thresholds on raw scores: {listed} (which images chose them is not recorded)."
+    source = calibration.get("dataset") or {}
+    where = f"split `{source.get('split')}` of {dataset_label(source.get('name'))}"
+    if calibration.get("fraction"):
+        where = (
+            f"a {calibration['fraction']:g} fraction of {where} (seed {calibration.get('seed')}, stratified by "
+            f"{calibration.get('stratified_by', 'label')}), left out of the metrics above"
+        )
+    return (
+        f"F1-optimal thresholds on raw scores ({listed or 'none'}) and the score range used to normalise scores were "
+        f"chosen on {calibration.get('num_images', len(calibration.get('images', [])))} calibration images from "
+        f"{where}; `config.json` lists them under `calibration.images`."
+    )
 
 
 def gallery_section(has_gallery: bool) -> str:
@@ -247,6 +270,10 @@ def model_card_for_directory(
     """The card for a saved model directory (reads its config.json; embeds gallery.png when present)."""
     model_dir = Path(model_dir)
     config = PadimConfig.from_pretrained(model_dir)
+    # The card is published: dataset references as Hub ids or folder names, never local paths.
+    config.train_dataset = dataset_reference(config.train_dataset)
+    config.metrics = without_local_paths(config.metrics)
+    config.calibration = without_local_paths(getattr(config, "calibration", None))
     return build_model_card(
         config, repo_id, has_gallery=(model_dir / GALLERY_FILE).is_file(), license=license, tags=tags
     )

@@ -121,3 +121,12 @@ def test_build_model_from_preset_dict_and_config_with_overrides(lite0_weights):
     with pytest.raises(ValueError, match="unknown config overrides"):
         build_model("padim-lite0-offline", n_feature=3)
     assert json.loads(random.config.to_json_string())["n_features"] == 8
+
+
+def test_launched_processes_that_would_not_cooperate_stop_with_a_message(train_paths, monkeypatch):
+    # torchrun's WORLD_SIZE says 2 processes, but this Accelerator connects only this one: each process would fit
+    # every image and write the same directory, so fit_padim refuses.
+    accelerator = make_accelerator(cpu=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="2 processes were launched but this Accelerator connects 1"):
+        fit_padim(build_model("padim-lite0-offline", **SMALL), train_paths, accelerator=accelerator, progress=False)
