@@ -319,12 +319,12 @@ class PadimModel(PadimPreTrainedModel):
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches ourselves, with names and shapes
         name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        if "config" not in kwargs:  # transformers only warns when config.json names another model type
-            options = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
-            config_dict, _ = PadimConfig.get_config_dict(name, **{k: kwargs[k] for k in options if k in kwargs})
-            if config_dict.get("model_type") != PadimConfig.model_type:
-                raise ValueError(f"{name} holds a {config_dict.get('model_type')!r} model, not a PaDiM model (model_type 'padim')")
         try:
+            if "config" not in kwargs:  # transformers only warns when config.json names another model type
+                options = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
+                config_dict, _ = PadimConfig.get_config_dict(name, **{k: kwargs[k] for k in options if k in kwargs})
+                if config_dict.get("model_type") != PadimConfig.model_type:
+                    raise ValueError(f"{name} holds a {config_dict.get('model_type')!r} model, not a PaDiM model (model_type 'padim')")
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except SafetensorError as error:
             raise ValueError(f"cannot read the weights of {name} (corrupt or truncated safetensors file): {error}") from error
