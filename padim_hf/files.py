@@ -31,12 +31,13 @@ MODEL_FILE_PATTERNS = (
     "preprocessor_config.json",
     "*.safetensors",
     "*.safetensors.index.json",
-    "*.py",
     "README.md",
     "gallery.png",
     "onnx/*",
     "openvino/*",
 )
+# Code files for trust_remote_code: save_pretrained copies modules of this package; a user's own script is not one.
+CODE_FILES = frozenset(path.name for path in Path(__file__).parent.glob("*.py") if path.name != "__init__.py")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
@@ -48,7 +49,7 @@ def is_model_file(relative: str) -> bool:
     if any(part.startswith(".") or part == "__pycache__" for part in parts):
         return False
     if len(parts) == 1:
-        return any(fnmatch(relative, pattern) for pattern in MODEL_FILE_PATTERNS if "/" not in pattern)
+        return relative in CODE_FILES or any(fnmatch(relative, p) for p in MODEL_FILE_PATTERNS if "/" not in p)
     return parts[0] in ("onnx", "openvino")
 
 
