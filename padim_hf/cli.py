@@ -6,6 +6,7 @@ import sys
 
 from . import benchmark, demo, evaluate, fit, predict
 from .hub import HubPushError
+from .modeling_padim import NotFittedError
 
 
 def push_main(argv: list[str]) -> None:
@@ -27,7 +28,7 @@ COMMANDS = {
 }
 # Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says what
 # to fix. Anything else (a CUDA out-of-memory error, a bug) keeps its traceback: hiding it would hide the cause.
-EXPECTED_ERRORS = (ValueError, OSError, HubPushError)
+EXPECTED_ERRORS = (ValueError, OSError, HubPushError, NotFittedError)
 INTERRUPTED = {
     # fit writes its model into a hidden staging folder renamed into place only when complete
     "fit": "interrupted; no model was written (the output directory is as it was)",

@@ -34,6 +34,10 @@ PUSH_OPTIONS = ("repo_id", "commit_message", "commit_description", "create_pr", 
 LOAD_CHUNK = 256
 
 
+class NotFittedError(RuntimeError):
+    """Scoring with a model whose Gaussian was never fitted (a user's mistake, reported in one line by the CLI)."""
+
+
 @dataclass
 class PadimOutput(ModelOutput):
     """
@@ -550,7 +554,7 @@ class PadimModel(PadimPreTrainedModel):
     @torch.no_grad()
     def forward(self, pixel_values: Tensor, return_dict: bool | None = None, **kwargs) -> PadimOutput | tuple:
         if self.config.num_train_images == 0:
-            raise RuntimeError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
+            raise NotFittedError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
         embedding = self.embed(pixel_values)
         with torch.autocast(embedding.device.type, enabled=False):  # only the backbone runs in mixed precision
             distances = self.gaussian(embedding).unsqueeze(1)

@@ -221,7 +221,16 @@ def test_unreadable_image_file(model_and_processor, tmp_path):
         path.chmod(0o644)
 
 
-CASES = len(FILE_CASES) + len(ARRAY_CASES) + len(TENSOR_CASES) + len(CHECKPOINT_CASES) + 2
+def test_unfitted_model_directory_is_one_line_from_the_cli(tmp_path, capsys):
+    PadimModel(small_lite0_config()).save_pretrained(tmp_path / "unfitted")
+    PIL.Image.new("RGB", (16, 16)).save(tmp_path / "part.png")
+    with pytest.raises(SystemExit):
+        cli(["predict", "--model", str(tmp_path / "unfitted"), str(tmp_path / "part.png"), "--output-dir", str(tmp_path / "out"), "--cpu"])
+    error = capsys.readouterr().err
+    assert "not fitted" in error and "Traceback" not in error
+
+
+CASES = len(FILE_CASES) + len(ARRAY_CASES) + len(TENSOR_CASES) + len(CHECKPOINT_CASES) + 3
 
 
 def test_the_suite_tries_at_least_forty_hostile_inputs():
