@@ -95,6 +95,15 @@ def to_rgb_uint8(image, name: str | None = None) -> np.ndarray:
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise TypeError(f"expected a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+    try:
+        return array_to_rgb_uint8(image, name)
+    except ValueError as error:
+        if name is None or str(error).startswith("image "):
+            raise
+        raise ValueError(f"image {name}: {error}") from error  # e.g. a float TIFF out of range, named
+
+
+def array_to_rgb_uint8(image: np.ndarray, name: str | None = None) -> np.ndarray:
     original_shape = image.shape
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] > 4:  # (C, H, W)
         image = np.moveaxis(image, 0, -1)

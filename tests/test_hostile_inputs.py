@@ -71,6 +71,8 @@ FILE_CASES = {
     "palette PNG with transparency": ("logo.png", png_bytes(PHOTO.convert("P")), (40, 60)),
     "LA PNG": ("la.png", png_bytes(PHOTO.convert("LA")), (40, 60)),
     "animated GIF (first frame)": ("anim.gif", png_bytes(PHOTO.convert("P"), "GIF"), (40, 60)),
+    "float TIFF outside [0, 1]": ("float.tif", png_bytes(PIL.Image.fromarray(np.full((8, 8), 200.0, np.float32)), "TIFF"), r"image .*float.tif: float images must lie in \[0, 1\]"),
+    "32-bit TIFF beyond 16 bits": ("wide.tif", png_bytes(PIL.Image.fromarray(np.full((8, 8), 1 << 20, np.int32)), "TIFF"), r"image .*wide.tif: .*got 1048576..1048576"),
 }
 
 ARRAY_CASES = {
