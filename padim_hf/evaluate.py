@@ -18,8 +18,6 @@ threshold is chosen (AUROC, AUPRO and F1-max need none).
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Collator, decode_image, drop_unreadable, load_split
-from .files import atomic_model_directory, without_local_paths
+from .files import atomic_model_directory, atomic_write_text, without_local_paths
 from .fit import add_data_arguments, make_accelerator
 from .image_processing_padim import PadimImageProcessor
 from .metrics import StreamingPixelMetrics, auroc, f1_max
@@ -371,14 +369,8 @@ def write_gallery(
 
 
 def update_config_file(model_dir: Path, model: PadimModel) -> None:
-    """Rewrites config.json atomically (a crash never leaves a truncated config)."""
-    with tempfile.NamedTemporaryFile("w", dir=model_dir, suffix=".json.tmp", delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
-        model.config.to_json_file(temporary, use_diff=True)
-        os.replace(temporary, model_dir / "config.json")
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Rewrites config.json atomically (a crash never leaves a truncated config, nor a stray temporary file)."""
+    atomic_write_text(model_dir / "config.json", model.config.to_json_string(use_diff=True))
 
 
 def evaluate(args: argparse.Namespace) -> dict:

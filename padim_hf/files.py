@@ -168,6 +168,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
         temporary = Path(handle.name)
         handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())  # the bytes reach the disk before the rename makes them the file
     try:
         os.replace(temporary, path)
     finally:

@@ -262,3 +262,29 @@ def test_push_sends_the_allow_list_and_no_local_path(fitted_dir, hub_env, tmp_pa
         assert b"customer-acme" not in content, f"{name} leaks a local folder name above the dataset"
     assert json.loads((local / "config.json").read_text())["train_dataset"] == "bottle"
     assert (model / "notes.txt").is_file() and json.loads((model / "config.json").read_text()) == stored  # untouched
+
+
+def test_evaluate_config_rewrite_is_atomic(fitted_dir, tmp_path, monkeypatch):
+    from padim_hf import PadimModel
+    from padim_hf import files
+    from padim_hf.evaluate import update_config_file
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for path in fitted_dir.iterdir():
+        (model_dir / path.name).write_bytes(path.read_bytes())
+    before = (model_dir / "config.json").read_text()
+    model = PadimModel.from_pretrained(model_dir)
+    model.config.image_threshold = 42.0
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process is stopped after the new config was written, before the rename
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        update_config_file(model_dir, model)
+    assert (model_dir / "config.json").read_text() == before
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted(p.name for p in fitted_dir.iterdir())  # no temp left
+    monkeypatch.undo()
+    update_config_file(model_dir, model)
+    assert json.loads((model_dir / "config.json").read_text())["image_threshold"] == 42.0
