@@ -1,8 +1,11 @@
 """PaDiM: patch distribution modelling with a pretrained timm backbone (Defard et al. 2020)."""
 
+import contextlib
+import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+import struct
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,13 @@ from .gaussian import (
 logger = logging.getLogger(__name__)
 # `save_pretrained(push_to_hub=True, ...)` options passed on to `padim_hf.hub.push_model_commit`.
 PUSH_OPTIONS = ("repo_id", "commit_message", "commit_description", "create_pr", "token", "private", "revision")
+# Positions unpacked per step when loading a packed factor: bounds the packed bytes in memory (WR50-Rd550 float16:
+# 256 x 151525 x 2 B = 78 MB).
+LOAD_CHUNK = 256
+
+
+class NotFittedError(RuntimeError):
+    """Scoring with a model whose Gaussian was never fitted (a user's mistake, reported in one line by the CLI)."""
 
 
 @dataclass
@@ -76,6 +86,17 @@ def nearest_source_indices(in_size: int, out_size: int, device: torch.device) ->
     return (positions * scale).floor().long().clamp_(max=in_size - 1)
 
 
+def keep_dtype(fn):
+    """`fn` (a `Module._apply` conversion) limited to moving tensors: what device it would give is read from an
+    empty tensor, so nothing is ever cast, not even temporarily."""
+
+    def move(tensor: Tensor) -> Tensor:
+        target = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+        return tensor if target.device == tensor.device else tensor.to(target.device)
+
+    return move
+
+
 def gaussian_blur_separable(maps: Tensor, kernel_size: int, sigma: float) -> Tensor:
     """torchvision's `gaussian_blur` (reflect padding, normalised kernel) of (B, 1, H, W) maps as two 1-D passes.
 
@@ -90,72 +111,155 @@ def gaussian_blur_separable(maps: Tensor, kernel_size: int, sigma: float) -> Ten
 
 
 class PadimGaussian(nn.Module):
-    """Per-position Gaussians: `mean` (P, C) and the packed lower-triangular whitening factor W (P, C(C+1)/2).
+    """Per-position Gaussians in the one form scoring uses: `mean` (P, C) and the lower-triangular whitening factor
+    W (W^T W = covariance^-1) as float32 block rows `whitening_0..3` (see `LowerBlockRows`: 10/16 of the full
+    matrices, each block a plain batched-GEMM operand). `forward` is pure tensor operations, so it exports as is.
 
-    The packed factor is what the checkpoint stores (half the size of a full matrix, in `config.covariance_storage`
-    dtype). The float32 factor used for scoring is cached as `LowerBlockRows` (10/16 of the full matrices): after a
-    fit it holds exactly the stored values (rounded to the storage dtype), so a model scores the same before and
-    after `save_pretrained`/`from_pretrained`.
+    On disk the checkpoint keeps its format: `gaussian.whitening_packed` (P, C(C+1)/2), the packed lower triangle in
+    `storage_dtype` (float16 by default, half the size). A state-dict hook packs the blocks on save and a load
+    pre-hook unpacks a packed factor straight into them; `PadimModel.from_pretrained` streams it from the
+    checkpoint in chunks of positions. The blocks always hold exactly the stored values (rounded to
+    `storage_dtype` when set), so a model scores the same before and after `save_pretrained`/`from_pretrained`.
     """
 
-    def __init__(self, num_positions: int, num_features: int):
+    PACKED = "whitening_packed"
+
+    def __init__(self, num_positions: int, num_features: int, storage_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_features = num_features
+        self.storage_dtype = storage_dtype
         self.register_buffer("mean", torch.zeros(num_positions, num_features))
-        self.register_buffer("whitening_packed", torch.zeros(num_positions, num_features * (num_features + 1) // 2))
-        self._whitening_cache: tuple[tuple, LowerBlockRows] | None = None
+        # Non-persistent: the state dict carries the packed factor instead (see the hooks below).
+        for index, block in enumerate(LowerBlockRows.zeros(num_positions, num_features).blocks):
+            self.register_buffer(f"whitening_{index}", block, persistent=False)
+        self.hide_packed = False  # set while transformers loads a checkpoint: the factor is streamed separately
+        self._register_state_dict_hook(_add_packed_factor)
+        self.register_load_state_dict_pre_hook(_load_packed_factor)
 
-    def _cache_key(self) -> tuple:
-        packed = self.whitening_packed
-        version = -1 if packed.is_inference() else packed._version  # inference tensors (inference_mode) have none
-        return (packed.data_ptr(), packed.device, version, packed.dtype)
+    @property
+    def num_blocks(self) -> int:
+        return len(LowerBlockRows.bounds(self.num_features)) - 1
 
-    def set_(self, mean: Tensor, whitening: LowerBlockRows, storage_dtype: torch.dtype = torch.float32) -> None:
-        """Stores mean (P, C) and lower-triangular W (P, C, C).
+    def whitening(self) -> LowerBlockRows:
+        """The (P, C, C) whitening factors as the block-row buffers themselves (no copy)."""
+        return LowerBlockRows([getattr(self, f"whitening_{index}") for index in range(self.num_blocks)])
 
-        The packed buffer takes `storage_dtype`; a float32 `whitening` on the buffers' device is rounded to it in
-        place and kept as the scoring cache (no unpacking, no second copy of the factors).
+    def _set_blocks(self, whitening: LowerBlockRows) -> None:
+        for index, block in enumerate(whitening.blocks):
+            setattr(self, f"whitening_{index}", block)
+
+    @torch.no_grad()
+    def set_(self, mean: Tensor, whitening: LowerBlockRows) -> None:
+        """Takes mean (P, C) and lower-triangular W (P, C, C) as the runtime Gaussian.
+
+        A float32 `whitening` on the buffers' device is used in place (no second copy of the factors), rounded to
+        `storage_dtype` chunk by chunk so that the model scores exactly as its saved checkpoint will.
         """
         device = self.mean.device
         self.mean = mean.float().to(device)
-        self.whitening_packed = pack_lower(whitening, dtype=storage_dtype).to(device)
-        self._whitening_cache = None
-        first = whitening.blocks[0]
-        if first.dtype == torch.float32 and first.device == device:
-            if storage_dtype != torch.float32:  # round the cache to the stored values
-                unpack_lower(self.whitening_packed, self.num_features, out=whitening)
-            self._whitening_cache = (self._cache_key(), whitening)
+        whitening = whitening.map(lambda block: block.to(device=device, dtype=torch.float32))
+        if self.storage_dtype != torch.float32:
+            for block in whitening.blocks:
+                for start in range(0, block.shape[0], LOAD_CHUNK):
+                    chunk = block[start : start + LOAD_CHUNK]
+                    chunk.copy_(chunk.to(self.storage_dtype))
+        self._set_blocks(whitening)
 
-    def whitening(self) -> LowerBlockRows:
-        """(P, C, C) float32 whitening factors, unpacked once per buffer version and device."""
-        key = self._cache_key()
-        if self._whitening_cache is None or self._whitening_cache[0] != key:
-            self._whitening_cache = None  # free the stale cache before unpacking a new one
-            self._whitening_cache = (key, unpack_lower(self.whitening_packed, self.num_features))
-        return self._whitening_cache[1]
+    def packed(self) -> Tensor:
+        """(P, C(C+1)/2) packed lower triangle of W in `storage_dtype`: what the checkpoint stores."""
+        return pack_lower(self.whitening(), dtype=self.storage_dtype)
 
-    def _apply(self, fn, *args, **kwargs):
-        cache = self._whitening_cache
-        self._whitening_cache = None
-        result = super()._apply(fn, *args, **kwargs)
-        if cache is not None:  # move the cache with the buffers (`.to(device)`) instead of unpacking it again
-            moved = cache[1].map(fn)
-            first = moved.blocks[0]
-            if first.dtype == torch.float32 and first.device == self.whitening_packed.device:
-                self._whitening_cache = (self._cache_key(), moved)
-        return result
+    @torch.no_grad()
+    def load_packed_(self, packed: Tensor | Callable[[slice], Tensor], num_positions: int | None = None) -> None:
+        """Fills the blocks from a packed factor (P, C(C+1)/2), or from `packed(positions)` read chunk by chunk
+        (a checkpoint slice), so at most one chunk of the packed factor is ever in memory next to the blocks."""
+        read = packed if callable(packed) else packed.__getitem__
+        positions = self.mean.shape[0] if num_positions is None else num_positions
+        whitening = LowerBlockRows.zeros(positions, self.num_features, device=self.mean.device)
+        for start in range(0, positions, LOAD_CHUNK):
+            chunk = slice(start, min(start + LOAD_CHUNK, positions))
+            values = read(chunk).to(self.mean.device)
+            expected = (chunk.stop - chunk.start, self.num_features * (self.num_features + 1) // 2)
+            if tuple(values.shape) != expected:
+                raise ValueError(f"packed whitening factor has shape {tuple(values.shape)} at positions {chunk}, expected {expected}")
+            unpack_lower(values, self.num_features, out=whitening.map(lambda block: block[chunk]))
+        self._set_blocks(whitening)
 
     def release_(self) -> None:
-        """Frees the factor buffer (an unfitted model's placeholder, 1.9 GB for WR50-Rd550) and the scoring cache."""
-        self._whitening_cache = None
-        self.whitening_packed = self.whitening_packed.new_empty(self.whitening_packed.shape[0], 0)
+        """Frees the factor buffers (an unfitted model's placeholder, 2.4 GB for WR50-Rd550)."""
+        positions = self.mean.shape[0]
+        self._set_blocks(self.whitening().map(lambda block: block.new_empty(positions, 0, 0)))
 
-    def distances(self, embedding: Tensor) -> Tensor:
+    def forward(self, embedding: Tensor) -> Tensor:
         """(B, h, w) Mahalanobis distances of an embedding (B, C, h, w)."""
         batch, channels, height, width = embedding.shape
         patches = embedding.float().flatten(2).permute(2, 0, 1)  # (P, B, C)
         distances = mahalanobis_distances(patches, self.mean.float(), self.whitening())
         return distances.transpose(0, 1).reshape(batch, height, width)
+
+    distances = forward
+
+
+def _add_packed_factor(module: PadimGaussian, state_dict: dict, prefix: str, local_metadata) -> None:
+    if not module.hide_packed:
+        state_dict[prefix + PadimGaussian.PACKED] = module.packed()
+
+
+def _load_packed_factor(module: PadimGaussian, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    packed = state_dict.pop(prefix + PadimGaussian.PACKED, None)
+    if packed is None:
+        missing_keys.append(prefix + PadimGaussian.PACKED)
+        return
+    try:
+        module.load_packed_(packed)
+    except ValueError as error:
+        error_msgs.append(str(error))
+
+
+PACKED_KEY = f"gaussian.{PadimGaussian.PACKED}"
+
+
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+@contextlib.contextmanager
+def packed_factor_reader(state_dict: dict | None, checkpoint_files: list[str] | None):
+    """Yields (read, shape) for the checkpoint's packed factor: `read(positions)` returns those rows as a new tensor.
+
+    Rows are read from the .safetensors file with plain reads: a memory-mapped slice (safetensors' loader) would keep
+    every page it touched in this process's resident memory until the file is closed (measured: +0.9 GB peak for
+    WR50-Rd550), and safetensors 0.8's "pread" backend reads the whole tensor for each slice.
+    """
+    if state_dict is not None:
+        packed = state_dict[PACKED_KEY]
+        yield packed.__getitem__, tuple(packed.shape)
+        return
+    for file in checkpoint_files or ():
+        if not str(file).endswith(".safetensors"):
+            raise ValueError(f"{file}: PaDiM checkpoints are read from .safetensors files only")
+        with open(file, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            entry = json.loads(handle.read(header_size)).get(PACKED_KEY)
+            if entry is None:
+                continue
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{file}: {PACKED_KEY} has unsupported dtype {entry['dtype']}")
+            dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+            offset = 8 + header_size + entry["data_offsets"][0]
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+
+            def read(positions: slice) -> Tensor:
+                first, stop, _ = positions.indices(shape[0])
+                rows = torch.empty((stop - first, *shape[1:]), dtype=dtype)
+                handle.seek(offset + first * row_bytes)
+                if handle.readinto(memoryview(rows.view(torch.uint8).numpy()).cast("B")) != rows.numel() * dtype.itemsize:
+                    raise ValueError(f"{file} is truncated: {PACKED_KEY} ends early")
+                return rows
+
+            yield read, shape
+            return
+    raise ValueError(f"no {PACKED_KEY} in {checkpoint_files}")
 
 
 class PadimPreTrainedModel(PreTrainedModel):
@@ -164,6 +268,8 @@ class PadimPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     # The Gaussian must never be cast to half precision by `dtype=`: distances of nearby points would cancel.
     _keep_in_fp32_modules_strict = ["gaussian"]
+    # `device_map="auto"` must keep the model whole: the Gaussian is one block (PadimModel adds its backbone's class).
+    _no_split_modules = ["PadimGaussian"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # timm initialises the backbone and checkpoints carry every weight: transformers' re-initialisation in
@@ -177,11 +283,27 @@ class PadimModel(PadimPreTrainedModel):
         self.backbone = create_backbone(config)
         reduction = self.backbone.feature_info.reduction()[0]
         self.grid_size = math.ceil(config.input_size / reduction)
-        self.gaussian = PadimGaussian(self.grid_size**2, config.n_features)
+        self.gaussian = PadimGaussian(self.grid_size**2, config.n_features, getattr(torch, config.covariance_storage))
         self.register_buffer("feature_indices", torch.tensor(config.feature_indices), persistent=False)
+        # The factor is saved in the dtype the config names at save time (it may be edited after a fit).
+        self.register_state_dict_pre_hook(
+            lambda module, prefix, keep_vars: setattr(module.gaussian, "storage_dtype", getattr(torch, module.config.covariance_storage))
+        )
         # Where the backbone weights came from: None means timm's random initialisation.
         self.backbone_weights: str | None = None
+        # Read by post_init: neither the backbone nor the Gaussian may be split across devices by device_map.
+        self._no_split_modules = ["PadimGaussian", type(self.backbone).__name__]
         self.post_init()
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.half()`, `.to(dtype)`, `.bfloat16()`... cast the backbone only: the Gaussian keeps its dtypes (float32
+        mean, the configured storage for the factor) and only follows the device. Casting it would make distances
+        of nearby points cancel; `from_pretrained(dtype=...)` is covered by `_keep_in_fp32_modules_strict`."""
+        if not recurse:
+            return super()._apply(fn, recurse=False)
+        for module in self.children():
+            module._apply(keep_dtype(fn) if module is self.gaussian else fn)
+        return super()._apply(fn, recurse=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Non-persistent buffers come back uninitialised from meta-device loading; refill them from the config.
@@ -194,22 +316,54 @@ class PadimModel(PadimPreTrainedModel):
 
         (transformers would re-initialise missing or mismatched tensors, i.e. silently randomise a backbone.)
         """
+        from safetensors import SafetensorError
+
         from .hub import explain_load_error
 
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches ourselves, with names and shapes
+        name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         try:
+            if "config" not in kwargs:  # transformers only warns when config.json names another model type
+                options = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
+                config_dict, _ = PadimConfig.get_config_dict(name, **{k: kwargs[k] for k in options if k in kwargs})
+                if config_dict.get("model_type") != PadimConfig.model_type:
+                    raise ValueError(f"{name} holds a {config_dict.get('model_type')!r} model, not a PaDiM model (model_type 'padim')")
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(f"cannot read the weights of {name} (corrupt or truncated safetensors file): {error}") from error
         except OSError as error:  # e.g. an uncached repo id under HF_HUB_OFFLINE=1
-            clearer = explain_load_error(args[0] if args else kwargs.get("pretrained_model_name_or_path"), error)
+            clearer = explain_load_error(name, error)
             if clearer is error:
                 raise
             raise clearer from error
         problems = []
-        if info.get("missing_keys"):
-            problems.append(f"missing tensors {sorted(info['missing_keys'])}")
+        missing = set(info.get("missing_keys") or ())
+        source = model.__dict__.pop("_packed_factor_source", None)
+        if source is None:
+            missing.add(PACKED_KEY)
+        if missing:
+            problems.append(f"missing tensors {sorted(missing)}")
+        unexpected = sorted(set(info.get("unexpected_keys") or ()) - {PACKED_KEY})
+        if unexpected:  # a checkpoint of another layout: loading it would silently ignore parts of it
+            problems.append(f"unexpected tensors {unexpected}")
         for key, *shapes in info.get("mismatched_keys") or []:
             problems.append(f"{key} has shape {tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} from the config")
+        if source is not None:
+            try:
+                with packed_factor_reader(*source) as (read, shape):
+                    expected = (model.gaussian.mean.shape[0], model.gaussian.num_features * (model.gaussian.num_features + 1) // 2)
+                    if tuple(shape) != expected:
+                        problems.append(f"{PACKED_KEY} has shape {tuple(shape)} in the checkpoint, {expected} from the config")
+                    else:
+                        model.gaussian.load_packed_(read)
+            except SafetensorError as error:
+                raise ValueError(f"cannot read the weights of {name} (corrupt or truncated safetensors file): {error}") from error
+        if not problems:
+            for key, tensor in model.gaussian.named_buffers(prefix="gaussian"):
+                # One float64 sum: NaN and infinity propagate, finite values cannot overflow, no tensor-sized mask.
+                if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+                    problems.append(f"non-finite values in {key} (NaN or infinity)")
         if problems:
             raise ValueError(
                 f"checkpoint does not match its config (backbone {model.config.backbone}, "
@@ -218,6 +372,23 @@ class PadimModel(PadimPreTrainedModel):
         model._init_weights(model)
         model.backbone_weights = "checkpoint"
         return (model, info) if output_loading_info else model
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        # transformers would materialise the whole packed factor (0.95 GB for WR50-Rd550 in float16) next to the
+        # unpacked blocks: hide it from its loader, which then reports it as unexpected, and stream it afterwards
+        # (from_pretrained above), one chunk of positions at a time.
+        model.gaussian.hide_packed = True
+        try:
+            info, offload = PreTrainedModel._load_pretrained_model(
+                model, state_dict, checkpoint_files, load_config, *args, **kwargs
+            )
+        finally:
+            model.gaussian.hide_packed = False
+        if PACKED_KEY in info.unexpected_keys:
+            info.unexpected_keys.discard(PACKED_KEY)
+            model._packed_factor_source = (state_dict, checkpoint_files)
+        return info, offload
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
         """Saves config, weights and Gaussian (safetensors), the matching image processor, and the
@@ -273,14 +444,6 @@ class PadimModel(PadimPreTrainedModel):
                 create_pr=create_pr,
                 tags=tags,
             )
-
-    def state_dict(self, *args, **kwargs) -> dict:
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        key = f"{prefix}gaussian.whitening_packed"
-        if key in state:  # on disk the factor takes the configured storage dtype; compute stays float32
-            state[key] = state[key].to(getattr(torch, self.config.covariance_storage))
-        return state
 
     def load_backbone_weights(self, source: str | Path | None = None) -> "PadimModel":
         """Loads ImageNet backbone weights: timm's from the Hub (`source=None`) or a local timm-format
@@ -348,7 +511,6 @@ class PadimModel(PadimPreTrainedModel):
         statistics_device = device if statistics_device is None else torch.device(statistics_device)
         if self.config.num_train_images == 0:  # nothing to keep: free the placeholder buffer before accumulating
             self.gaussian.release_()
-        self.gaussian._whitening_cache = None  # recomputable: never hold it next to the statistics
         for batch in batches:
             pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
             patches = self.embed(pixel_values.to(device)).flatten(2).permute(2, 0, 1).to(statistics_device)
@@ -379,7 +541,8 @@ class PadimModel(PadimPreTrainedModel):
             whitening = whitening_factors(statistics, self.config.epsilon, out=out, dtype=precision)
         if release_statistics:
             statistics.shifted_outer = None
-        self.gaussian.set_(mean, whitening, storage_dtype=storage)
+        self.gaussian.storage_dtype = storage
+        self.gaussian.set_(mean, whitening)
         self.config.num_train_images = statistics.count
         return self
 
@@ -391,18 +554,20 @@ class PadimModel(PadimPreTrainedModel):
     @torch.no_grad()
     def forward(self, pixel_values: Tensor, return_dict: bool | None = None, **kwargs) -> PadimOutput | tuple:
         if self.config.num_train_images == 0:
-            raise RuntimeError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
+            raise NotFittedError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
         embedding = self.embed(pixel_values)
         with torch.autocast(embedding.device.type, enabled=False):  # only the backbone runs in mixed precision
-            distances = self.gaussian.distances(embedding).unsqueeze(1)
+            distances = self.gaussian(embedding).unsqueeze(1)
             anomaly_map = F.interpolate(distances, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
             if self.config.blur_sigma > 0:
                 kernel = 2 * int(4.0 * self.config.blur_sigma + 0.5) + 1
                 anomaly_map = gaussian_blur_separable(anomaly_map, kernel, self.config.blur_sigma)
             pred_score = anomaly_map.amax(dim=(1, 2, 3))
         pred_label = None if self.config.image_threshold is None else pred_score >= self.config.image_threshold
-        output = PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
-        return output if return_dict is not False else output.to_tuple()
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not return_dict:  # always three entries, pred_label None when uncalibrated, so unpacking never shifts
+            return anomaly_map, pred_score, pred_label
+        return PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
 
     def _check_pixel_values(self, pixel_values: Tensor) -> None:
         size = self.config.input_size

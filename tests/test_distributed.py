@@ -93,7 +93,7 @@ def assert_equals_one_process_fit(model_dir: Path, reference_dir: Path) -> None:
     assert model.config.num_train_images == reference.config.num_train_images
     mean, expected_mean = model.gaussian.mean, reference.gaussian.mean
     assert ((mean - expected_mean).abs().max() / expected_mean.abs().max()) <= 1e-5
-    covariance, expected = (covariance_of(m.gaussian.whitening_packed) for m in (model, reference))
+    covariance, expected = (covariance_of(m.gaussian.packed()) for m in (model, reference))
     scale = expected.abs().amax(dim=(1, 2), keepdim=True)  # per position, relative to its largest entry
     assert ((covariance - expected).abs() / scale).max() <= 1e-5
     maps, expected_maps = model(PROBE).anomaly_map, reference(PROBE).anomaly_map

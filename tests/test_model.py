@@ -1,3 +1,4 @@
+import contextlib
 import json
 import shutil
 import subprocess
@@ -147,7 +148,7 @@ def test_half_precision_load_keeps_gaussian_float32(small_model, tmp_path):
     loaded = PadimModel.from_pretrained(tmp_path, dtype=torch.float16)
     assert next(loaded.backbone.parameters()).dtype == torch.float16
     assert loaded.gaussian.mean.dtype == torch.float32
-    assert loaded.gaussian.whitening_packed.dtype == torch.float32
+    assert all(block.dtype == torch.float32 for block in loaded.gaussian.whitening().blocks)
 
 
 def test_float16_storage_halves_the_factor_on_disk_and_scores_stay_close(small_model, random_images, tmp_path):
@@ -237,3 +238,52 @@ def test_hazelnut_detection_quality(hazelnut, lite0_weights):
     assert roc_auc_score(np.stack(masks).ravel(), output.anomaly_map[:, 0].numpy().ravel()) >= 0.97
     assert roc_auc_score(labels, scores) >= 0.8
     assert scores[labels].mean() > scores[~labels].mean()
+
+
+def test_gaussian_holds_one_float32_factor_and_the_checkpoint_keeps_the_packed_format(small_model, random_images):
+    gaussian = small_model.gaussian
+    positions, channels = gaussian.mean.shape
+    buffers = dict(gaussian.named_buffers())
+    assert sorted(buffers) == ["mean", "whitening_0", "whitening_1", "whitening_2", "whitening_3"]
+    bounds = [channels * index // 4 for index in range(5)]
+    assert [tuple(buffers[f"whitening_{i}"].shape) for i in range(4)] == [
+        (positions, stop - start, stop) for start, stop in zip(bounds, bounds[1:])
+    ]
+    state = small_model.state_dict()
+    assert not any(key.startswith("gaussian.whitening_") and key[-1].isdigit() for key in state)
+    assert state["gaussian.whitening_packed"].shape == (positions, channels * (channels + 1) // 2)
+    assert state["gaussian.whitening_packed"].dtype == torch.float16
+    # torch's own load path (a load_state_dict pre-hook) unpacks it into the blocks of a fresh model.
+    fresh = PadimModel(small_model.config)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(random_images).anomaly_map, small_model(random_images).anomaly_map)
+
+
+def test_from_pretrained_streams_the_factor_in_chunks(small_model, random_images, tmp_path, monkeypatch):
+    import padim_hf.modeling_padim as modeling
+
+    small_model.save_pretrained(tmp_path)
+    reads = []
+    original = modeling.packed_factor_reader
+
+    @contextlib.contextmanager
+    def counting_reader(*args):
+        with original(*args) as (read, shape):
+            yield (lambda positions: reads.append(positions) or read(positions)), shape
+
+    monkeypatch.setattr(modeling, "LOAD_CHUNK", 100)  # 256 positions: chunks of 100, 100, 56
+    monkeypatch.setattr(modeling, "packed_factor_reader", counting_reader)
+    loaded = PadimModel.from_pretrained(tmp_path)
+    assert [(s.start, s.stop) for s in reads] == [(0, 100), (100, 200), (200, 256)]
+    assert torch.equal(loaded(random_images).anomaly_map, small_model(random_images).anomaly_map)
+
+
+def test_checkpoint_without_the_factor_is_refused(small_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    small_model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["gaussian.whitening_packed"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing tensors.*gaussian.whitening_packed"):
+        PadimModel.from_pretrained(tmp_path)
