@@ -90,8 +90,11 @@ def main() -> None:
         return
     results = {processes: run(processes, args) for processes in args.processes}
     baseline = max(report["peak_rss_gb"] for report in results[min(results)])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "padim_hf"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     print(f"\n{args.preset}, {args.n_images} images, batch {args.batch_size}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; baseline: the {min(results)}-process peak {baseline:.2f} GB")
+          f"{os.cpu_count()} cores; code {commit or '?'}{' (modified)' if dirty else ''}; "
+          f"baseline: the {min(results)}-process peak {baseline:.2f} GB")
     print("| processes | rank | distributed type | threads | peak RSS (GB) | vs baseline | fit (s) | fit + save (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for processes, reports in results.items():
