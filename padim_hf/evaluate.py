@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -418,7 +419,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         if not math.isnan(result.pixel_auroc):
             write_gallery(model, processor, dataset, result, target / "gallery.png")
     if result.calibration is None and accelerator.is_main_process:
-        print("note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set")
+        print(
+            "note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set",
+            file=sys.stderr,
+        )
     return result.report()
 
 
