@@ -208,9 +208,8 @@ def score_split(
         labels.extend(batch["labels"].tolist())
         paths.extend(batch["paths"])
         if pixels is not None:
-            maps = output.anomaly_map[:, 0].float().cpu()
-            if protocol == "original":
-                maps = processor.post_process_anomaly_maps(output.anomaly_map.float().cpu(), batch["sizes"])
+            maps = output.anomaly_map.float().cpu()
+            maps = processor.post_process_anomaly_maps(maps, batch["sizes"]) if protocol == "original" else maps[:, 0]
             pixels.update(maps, batch["masks"])
     # gather_object concatenates the processes' lists in rank order: the shards are contiguous, so this is
     # dataset order. Each list holds one float per image (the only per-image state).
