@@ -10,11 +10,8 @@ import importlib.resources
 import itertools
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .configuration_padim import PadimConfig
 from .data import decode_image, drop_unreadable, load_split
+from .files import atomic_model_directory, check_replaceable, dataset_reference
 from .gaussian import PatchStatistics
 from .image_processing_padim import PadimImageProcessor
 from .modeling_padim import PadimModel
@@ -378,20 +376,10 @@ def _reduce_in_place(tensor: torch.Tensor, wire: torch.device) -> None:
 # Saving
 
 
-@contextmanager
-def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yields a temporary directory beside `target` that replaces it only if the block completes."""
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield temporary
-        if target.exists():
-            shutil.rmtree(target)
-        temporary.rename(target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+def atomic_directory(target: Path, overwrite: bool):
+    """Yields a staging directory beside `target` that replaces it only if the block completes; `overwrite` replaces
+    only a PaDiM model directory or an empty one, crash-safely (`files.atomic_model_directory`)."""
+    return atomic_model_directory(target, overwrite)
 
 
 def is_main_process() -> bool:
@@ -434,7 +422,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
     parser.add_argument("--output-dir", required=True, type=Path, help="model directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PaDiM model directory (never any other folder)")
     add_data_arguments(parser)
     parser.add_argument("--split", default="train")
     parser.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
@@ -458,8 +446,10 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
 def fit(args: argparse.Namespace) -> Path | None:
     """`padim-hf fit`: parses nothing itself, calls the API; returns the model directory on the main process."""
     accelerator = make_accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
-    if args.output_dir.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.output_dir} exists; pass --overwrite to replace it")
+    if args.output_dir.exists():  # fail before the fit, not after it
+        if not args.overwrite:
+            raise FileExistsError(f"{args.output_dir} exists; pass --overwrite to replace it")
+        check_replaceable(args.output_dir)
     model = build_model(
         args.config,
         backbone_weights=args.backbone_weights,
@@ -477,7 +467,8 @@ def fit(args: argparse.Namespace) -> Path | None:
     )
     if not accelerator.is_main_process:
         return None  # no barrier: the main process may take as long as it needs to save and push
-    model.config.train_dataset = args.data if args.split == "train" else f"{args.data} ({args.split})"
+    source = dataset_reference(args.data)  # a folder name or Hub id: never an absolute local path
+    model.config.train_dataset = source if args.split == "train" else f"{source} ({args.split})"
     output = save_fitted(model, args.output_dir, overwrite=args.overwrite, main_process=True)
     print(f"fitted on {model.config.num_train_images} images in {time.perf_counter() - started:.1f} s -> {output}")
     if args.push_to_hub:

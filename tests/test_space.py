@@ -25,6 +25,8 @@ import torch
 from padim_hf import PadimConfig, PadimImageProcessor, PadimModel
 from padim_hf.weights import export_lite0_weights
 
+from .test_hub import hub, hub_env  # noqa: F401  (the loopback Hub fixtures)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE_DIR = REPO_ROOT / "spaces"
 EXAMPLES = SPACE_DIR / "examples"
@@ -92,7 +94,13 @@ def calibrate(model: PadimModel) -> None:
     model.config.image_threshold = (highest_good + lowest_bad) / 2
     model.config.pixel_threshold = (highest_good + lowest_bad) / 2
     model.config.train_dataset = "synthetic fabric (spaces/synthetic.py)"
-    model.config.metrics = {"image_auroc": 1.0, "pixel_auroc": pixel_auroc, "dataset": "synthetic fabric, held out"}
+    # The shape `padim-hf evaluate` writes: scores, the dataset as {name, config, split}, and the image count.
+    model.config.metrics = {
+        "image_auroc": 1.0,
+        "pixel_auroc": pixel_auroc,
+        "dataset": {"name": "synthetic-fabric", "config": None, "split": "held_out"},
+        "num_images": len(good) + len(bad),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -297,7 +305,8 @@ def test_model_panel_lists_backbone_training_set_and_metrics(app):
     assert "synthetic fabric (spaces/synthetic.py) (8 defect-free images)" in text
     pixel_auroc = app.DETECTOR.config.metrics["pixel_auroc"]
     assert "| image auroc | 1.000 |" in text and f"| pixel auroc | {pixel_auroc:.3f} |" in text
-    assert "on synthetic fabric, held out" in text
+    assert "on `synthetic-fabric` (held_out split)" in text
+    assert "num" not in text and "{" not in text  # no image count among the metrics, no Python dict repr
     assert f"image {app.DETECTOR.thresholds().image:.2f}" in text
 
 
@@ -579,3 +588,26 @@ def test_browser_sliders_grow_past_an_uncalibrated_guess(app, uncalibrated_model
             assert float(slider.get_attribute("max")) == app.widened_maximum(score, first_top)
     finally:
         demo.close()
+
+
+def test_padim_revision_pins_the_model_commit(app, model_dir, hub_env, monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    from padim_hf.hub import push_model_commit
+
+    first = push_model_commit(model_dir, "tester/space-pinned")
+    changed = Path(shutil.copytree(model_dir, tmp_path / "changed"))
+    config = json.loads((changed / "config.json").read_text())
+    config["image_threshold"] = 123.0
+    (changed / "config.json").write_text(json.dumps(config))
+    push_model_commit(changed, "tester/space-pinned")
+    monkeypatch.setenv("PADIM_MODEL", "tester/space-pinned")
+    monkeypatch.setenv("PADIM_REVISION", first.oid)
+    pinned, message = app.load_detector(app.model_source(), app.model_revision())
+    assert pinned is not None, message
+    assert pinned.config.image_threshold == pytest.approx(app.DETECTOR.config.image_threshold)
+    assert first.oid in app.model_card_markdown(pinned)
+    monkeypatch.delenv("PADIM_REVISION")
+    latest, message = app.load_detector(app.model_source(), app.model_revision())
+    assert latest.config.image_threshold == 123.0
