@@ -1,10 +1,12 @@
-"""`padim-hf`: fit, evaluate, predict, push, demo, export."""
+"""`padim-hf`: fit, evaluate, predict, push, demo, benchmark, export."""
 
 import argparse
 import logging
 import sys
 
-from . import demo, evaluate, export, fit, predict
+from . import benchmark, demo, evaluate, export, fit, predict
+from .hub import HubPushError
+from .modeling_padim import NotFittedError
 
 
 def push_main(argv: list[str]) -> None:
@@ -23,24 +25,42 @@ def push_main(argv: list[str]) -> None:
                      export=args.export))
 
 
-COMMANDS = {"fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
-            "export": export.main}
+COMMANDS = {
+    "fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
+    "benchmark": benchmark.main, "export": export.main,
+}
+# Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says what
+# to fix. Anything else (a CUDA out-of-memory error, a bug) keeps its traceback: hiding it would hide the cause.
+EXPECTED_ERRORS = (ValueError, OSError, HubPushError, NotFittedError)
+INTERRUPTED = {
+    # fit writes its model into a hidden staging folder renamed into place only when complete
+    "fit": "interrupted; no model was written (the output directory is as it was)",
+}
+USAGE = f"usage: padim-hf [--debug] {{{','.join(COMMANDS)}}} ...  (padim-hf COMMAND --help; --debug: full tracebacks)"
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: padim-hf {{{','.join(COMMANDS)}}} ...  (padim-hf COMMAND --help)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         sys.exit(2)
+    command = argv[0]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        COMMANDS[argv[0]](argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        # Input problems are the user's to fix: a one-line message naming them, not a traceback.
-        print(f"padim-hf {argv[0]}: error: {error}", file=sys.stderr)
+        COMMANDS[command](argv[1:])
+    except EXPECTED_ERRORS as error:
+        if debug:
+            raise
+        print(f"padim-hf {command}: error: {error}  (--debug shows the traceback)", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"padim-hf {argv[0]}: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as interruption:
+        if debug:
+            raise
+        # Only say what is true: predict names the files it wrote; other commands claim nothing they cannot know.
+        detail = f"interrupted; {interruption}" if str(interruption) else INTERRUPTED.get(command, "interrupted")
+        print(f"padim-hf {command}: {detail}", file=sys.stderr)
         sys.exit(130)
 
 

@@ -5,7 +5,6 @@ image, mask (None for good images), label (0 good / 1 anomalous), defect_type an
 undecoded (`Image(decode=False)`) until a batch is collated, where `decode_image` names any unreadable file.
 """
 
-import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value, load_dataset, load_from_disk
 
 from .image_processing_padim import PadimImageProcessor, load_image
+from .image_processing_padim import decode_image as rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -160,19 +160,17 @@ def load_split(source: str, split: str, **hub_options) -> Dataset | IterableData
 
 
 def decode_image(value: dict | PIL.Image.Image | None, path: str) -> PIL.Image.Image:
-    """Decodes an undecoded `datasets` image ({bytes, path}); errors name the image's path."""
+    """Decodes an undecoded `datasets` image ({bytes, path}) with the processor's decoder (size checked before
+    decoding, EXIF orientation applied); errors name the image's path."""
     if isinstance(value, PIL.Image.Image):
         return value
     if value is None:
         raise ValueError(f"image {path} is missing")
     if value.get("bytes"):
-        try:
-            image = PIL.Image.open(io.BytesIO(value["bytes"]))
-            image.load()
-            return image
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"cannot read image {path}: {error}") from error
-    return load_image(value["path"])
+        return load_image(value["bytes"], name=path)
+    if not value.get("path"):
+        raise ValueError(f"image {path} has neither bytes nor a path")
+    return load_image(value["path"], name=path)
 
 
 def drop_unreadable(dataset: Dataset) -> tuple[Dataset, list[str]]:
@@ -206,7 +204,8 @@ class Collator:
         self.with_images = with_images  # the decoded originals, for overlays (decoding twice is the slow part)
 
     def __call__(self, rows: list[dict]) -> dict:
-        images = [decode_image(row["image"], row["path"]) for row in rows]
+        # RGB as the model sees it (the processor's decoder), so overlays and map sizes match the pixel values.
+        images = [rgb_image(decode_image(row["image"], row["path"]), row["path"]) for row in rows]
         batch = {
             "pixel_values": self.processor(images, return_tensors="pt")["pixel_values"],
             "labels": torch.tensor([row["label"] for row in rows]),

@@ -18,8 +18,7 @@ threshold is chosen (AUROC, AUPRO and F1-max need none).
 import argparse
 import json
 import math
-import os
-import tempfile
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import Collator, decode_image, drop_unreadable, load_split
+from .files import atomic_model_directory, atomic_write_text, without_local_paths
 from .fit import add_data_arguments, make_accelerator
 from .image_processing_padim import PadimImageProcessor
 from .metrics import StreamingPixelMetrics, auroc, f1_max
@@ -207,9 +207,8 @@ def score_split(
         labels.extend(batch["labels"].tolist())
         paths.extend(batch["paths"])
         if pixels is not None:
-            maps = output.anomaly_map[:, 0].float().cpu()
-            if protocol == "original":
-                maps = processor.post_process_anomaly_maps(output.anomaly_map.float().cpu(), batch["sizes"])
+            maps = output.anomaly_map.float().cpu()
+            maps = processor.post_process_anomaly_maps(maps, batch["sizes"]) if protocol == "original" else maps[:, 0]
             pixels.update(maps, batch["masks"])
     # gather_object concatenates the processes' lists in rank order: the shards are contiguous, so this is
     # dataset order. Each list holds one float per image (the only per-image state).
@@ -321,16 +320,19 @@ def record_evaluation(model: PadimModel, result: EvaluationResult, dataset: dict
         "protocol": result.protocol,
         "calibration_images_excluded": result.num_calibration_images,
     }
-    if result.calibration is None:
-        return
-    config.image_threshold, config.pixel_threshold = result.image_threshold, result.pixel_threshold
-    config.score_min, config.score_max = result.score_min, result.score_max
-    source = calibration or dataset
-    config.calibration = {
-        "dataset": source,
-        **{key: value for key, value in result.calibration.items() if key != "images"},
-        "images": relative_paths(result.calibration["images"], source.get("name")),
-    }
+    if result.calibration is not None:
+        config.image_threshold, config.pixel_threshold = result.image_threshold, result.pixel_threshold
+        config.score_min, config.score_max = result.score_min, result.score_max
+        source = calibration or dataset
+        config.calibration = {
+            "dataset": source,
+            **{key: value for key, value in result.calibration.items() if key != "images"},
+            "images": relative_paths(result.calibration["images"], source.get("name")),
+        }
+    # Stored (and published) as Hub ids and folder names: never a local absolute path (files.without_local_paths).
+    config.metrics = without_local_paths(config.metrics)
+    if config.calibration is not None:
+        config.calibration = without_local_paths(config.calibration)
 
 
 def write_gallery(
@@ -367,14 +369,8 @@ def write_gallery(
 
 
 def update_config_file(model_dir: Path, model: PadimModel) -> None:
-    """Rewrites config.json atomically (a crash never leaves a truncated config)."""
-    with tempfile.NamedTemporaryFile("w", dir=model_dir, suffix=".json.tmp", delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
-        model.config.to_json_file(temporary, use_diff=True)
-        os.replace(temporary, model_dir / "config.json")
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Rewrites config.json atomically (a crash never leaves a truncated config, nor a stray temporary file)."""
+    atomic_write_text(model_dir / "config.json", model.config.to_json_string(use_diff=True))
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -409,8 +405,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     record_evaluation(model, result, described, calibration_source)
     if not args.no_save and accelerator.is_main_process:
         target = Path(args.output_dir or args.model)
-        if args.output_dir:
-            model.save_pretrained(target)
+        if args.output_dir:  # replaces only a PaDiM model (or an empty folder) there, crash-safely
+            with atomic_model_directory(target, overwrite=True) as staging:
+                model.save_pretrained(staging)
         elif not Path(args.model).is_dir():
             raise ValueError(f"{args.model} is not a local directory: pass --output-dir to save the evaluated model")
         else:
@@ -418,7 +415,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         if not math.isnan(result.pixel_auroc):
             write_gallery(model, processor, dataset, result, target / "gallery.png")
     if result.calibration is None and accelerator.is_main_process:
-        print("note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set")
+        print(
+            "note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set",
+            file=sys.stderr,
+        )
     return result.report()
 
 

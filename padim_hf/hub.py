@@ -1,6 +1,7 @@
 """Share fitted PaDiM models on the Hugging Face Hub: push a saved model directory in one commit, load by repo id."""
 
 import json
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -8,7 +9,10 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+from .files import model_files, without_local_paths
 from .modelcard import model_card_for_directory
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 REQUIRED_FILES = ("config.json", "preprocessor_config.json")
@@ -56,16 +60,22 @@ def check_model_directory(model_dir: Path) -> None:
 
 
 def local_files(model_dir: Path) -> list[str]:
-    """Repository paths of the files to upload: everything except hidden files, caches and partial writes."""
-    paths = []
-    for path in sorted(model_dir.rglob("*")):
-        relative = path.relative_to(model_dir)
-        if not path.is_file() or any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
-            continue
-        if path.suffix in (".tmp", ".lock", ".pyc"):
-            continue
-        paths.append(relative.as_posix())
-    return paths
+    """Repository paths of the files to upload: the allow-list of model files (config, weights, image processor,
+    code, card, gallery, exported models under onnx/ and openvino/). Anything else in the directory (notes, data,
+    credentials) stays on this machine; the push logs what it left out."""
+    files, others = model_files(model_dir)
+    if others:
+        logger.warning("not pushed (not part of a PaDiM model): %s", ", ".join(others))
+    return files
+
+
+def public_config(model_dir: Path) -> bytes | None:
+    """config.json with dataset references reduced to Hub ids or folder names and any other absolute local path to
+    its last component (`files.without_local_paths`), or None when it needs no change (models written by older
+    versions may record absolute paths)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    public = without_local_paths(config)
+    return None if public == config else (json.dumps(public, indent=2, sort_keys=True) + "\n").encode()
 
 
 def resolve_token(token: str | None) -> str:
@@ -158,6 +168,10 @@ def push_model_commit(
     # A requested export replaces whatever the directory holds in that folder (it is made from the same weights).
     files = [name for name in local_files(model_dir) if name != CARD_FILE and name.split("/")[0] not in exports]
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name in files]
+    config = public_config(model_dir)
+    if config is not None:
+        operations = [op for op in operations if op.path_in_repo != "config.json"]
+        operations.append(CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=config))
     exported_here = [name for name in ("onnx", "openvino") if any(f.startswith(f"{name}/") for f in files)]
     with tempfile.TemporaryDirectory() as scratch:  # exports are written here, never into model_dir
         try:
@@ -195,9 +209,10 @@ def push_model(
 ) -> str:
     """Uploads a model directory written by `PadimModel.save_pretrained` to the Hub in a single commit.
 
-    Everything in the directory goes up: config.json (with `auto_map`, `custom_pipelines`), the safetensors weights
-    (sharded or not), preprocessor_config.json, the code files for `trust_remote_code=True` users, and any extra
-    file such as `gallery.png`. The model card is the directory's README.md, or one generated from the config
+    An allow-list goes up: config.json (with `auto_map`, `custom_pipelines`; dataset references reduced to Hub ids
+    or folder names, never local paths), the safetensors weights (sharded or not), preprocessor_config.json, the
+    code files for `trust_remote_code=True` users, README.md, `gallery.png`, and exported models under `onnx/` and
+    `openvino/`. Any other file of the directory stays on this machine (and is named in a warning). The model card is the directory's README.md, or one generated from the config
     (metrics included) when there is none. Weight files of an earlier push that this one does not replace are
     deleted in the same commit.
 

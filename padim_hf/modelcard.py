@@ -6,6 +6,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .configuration_padim import PadimConfig
+from .files import dataset_reference, without_local_paths
 
 GALLERY_FILE = "gallery.png"
 # The Hub has no anomaly-detection task; pixel maps and masks make image segmentation the closest listed task,
@@ -317,6 +318,10 @@ def model_card_for_directory(
     config = PadimConfig.from_pretrained(model_dir)
     if exports is None:
         exports = [name for name in ("onnx", "openvino") if (model_dir / name / "padim_export.json").is_file()]
+    # The card is published: dataset references as Hub ids or folder names, never local paths.
+    config.train_dataset = dataset_reference(config.train_dataset)
+    config.metrics = without_local_paths(config.metrics)
+    config.calibration = without_local_paths(getattr(config, "calibration", None))
     return build_model_card(
         config, repo_id, has_gallery=(model_dir / GALLERY_FILE).is_file(), license=license, tags=tags, exports=exports
     )

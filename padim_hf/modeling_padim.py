@@ -34,6 +34,10 @@ PUSH_OPTIONS = ("repo_id", "commit_message", "commit_description", "create_pr", 
 LOAD_CHUNK = 256
 
 
+class NotFittedError(RuntimeError):
+    """Scoring with a model whose Gaussian was never fitted (a user's mistake, reported in one line by the CLI)."""
+
+
 @dataclass
 class PadimOutput(ModelOutput):
     """
@@ -80,6 +84,17 @@ def nearest_source_indices(in_size: int, out_size: int, device: torch.device) ->
     scale = torch.tensor(in_size, dtype=torch.float32, device=device) / out_size
     positions = torch.arange(out_size, dtype=torch.float32, device=device)
     return (positions * scale).floor().long().clamp_(max=in_size - 1)
+
+
+def keep_dtype(fn):
+    """`fn` (a `Module._apply` conversion) limited to moving tensors: what device it would give is read from an
+    empty tensor, so nothing is ever cast, not even temporarily."""
+
+    def move(tensor: Tensor) -> Tensor:
+        target = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+        return tensor if target.device == tensor.device else tensor.to(target.device)
+
+    return move
 
 
 def gaussian_blur_separable(maps: Tensor, kernel_size: int, sigma: float) -> Tensor:
@@ -253,6 +268,8 @@ class PadimPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     # The Gaussian must never be cast to half precision by `dtype=`: distances of nearby points would cancel.
     _keep_in_fp32_modules_strict = ["gaussian"]
+    # `device_map="auto"` must keep the model whole: the Gaussian is one block (PadimModel adds its backbone's class).
+    _no_split_modules = ["PadimGaussian"]
 
     def _init_weights(self, module: nn.Module) -> None:
         # timm initialises the backbone and checkpoints carry every weight: transformers' re-initialisation in
@@ -274,7 +291,19 @@ class PadimModel(PadimPreTrainedModel):
         )
         # Where the backbone weights came from: None means timm's random initialisation.
         self.backbone_weights: str | None = None
+        # Read by post_init: neither the backbone nor the Gaussian may be split across devices by device_map.
+        self._no_split_modules = ["PadimGaussian", type(self.backbone).__name__]
         self.post_init()
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.half()`, `.to(dtype)`, `.bfloat16()`... cast the backbone only: the Gaussian keeps its dtypes (float32
+        mean, the configured storage for the factor) and only follows the device. Casting it would make distances
+        of nearby points cancel; `from_pretrained(dtype=...)` is covered by `_keep_in_fp32_modules_strict`."""
+        if not recurse:
+            return super()._apply(fn, recurse=False)
+        for module in self.children():
+            module._apply(keep_dtype(fn) if module is self.gaussian else fn)
+        return super()._apply(fn, recurse=False)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Non-persistent buffers come back uninitialised from meta-device loading; refill them from the config.
@@ -287,14 +316,24 @@ class PadimModel(PadimPreTrainedModel):
 
         (transformers would re-initialise missing or mismatched tensors, i.e. silently randomise a backbone.)
         """
+        from safetensors import SafetensorError
+
         from .hub import explain_load_error
 
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches ourselves, with names and shapes
+        name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         try:
+            if "config" not in kwargs:  # transformers only warns when config.json names another model type
+                options = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
+                config_dict, _ = PadimConfig.get_config_dict(name, **{k: kwargs[k] for k in options if k in kwargs})
+                if config_dict.get("model_type") != PadimConfig.model_type:
+                    raise ValueError(f"{name} holds a {config_dict.get('model_type')!r} model, not a PaDiM model (model_type 'padim')")
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(f"cannot read the weights of {name} (corrupt or truncated safetensors file): {error}") from error
         except OSError as error:  # e.g. an uncached repo id under HF_HUB_OFFLINE=1
-            clearer = explain_load_error(args[0] if args else kwargs.get("pretrained_model_name_or_path"), error)
+            clearer = explain_load_error(name, error)
             if clearer is error:
                 raise
             raise clearer from error
@@ -305,15 +344,26 @@ class PadimModel(PadimPreTrainedModel):
             missing.add(PACKED_KEY)
         if missing:
             problems.append(f"missing tensors {sorted(missing)}")
+        unexpected = sorted(set(info.get("unexpected_keys") or ()) - {PACKED_KEY})
+        if unexpected:  # a checkpoint of another layout: loading it would silently ignore parts of it
+            problems.append(f"unexpected tensors {unexpected}")
         for key, *shapes in info.get("mismatched_keys") or []:
             problems.append(f"{key} has shape {tuple(shapes[0])} in the checkpoint, {tuple(shapes[1])} from the config")
         if source is not None:
-            with packed_factor_reader(*source) as (read, shape):
-                expected = (model.gaussian.mean.shape[0], model.gaussian.num_features * (model.gaussian.num_features + 1) // 2)
-                if tuple(shape) != expected:
-                    problems.append(f"{PACKED_KEY} has shape {tuple(shape)} in the checkpoint, {expected} from the config")
-                else:
-                    model.gaussian.load_packed_(read)
+            try:
+                with packed_factor_reader(*source) as (read, shape):
+                    expected = (model.gaussian.mean.shape[0], model.gaussian.num_features * (model.gaussian.num_features + 1) // 2)
+                    if tuple(shape) != expected:
+                        problems.append(f"{PACKED_KEY} has shape {tuple(shape)} in the checkpoint, {expected} from the config")
+                    else:
+                        model.gaussian.load_packed_(read)
+            except SafetensorError as error:
+                raise ValueError(f"cannot read the weights of {name} (corrupt or truncated safetensors file): {error}") from error
+        if not problems:
+            for key, tensor in model.gaussian.named_buffers(prefix="gaussian"):
+                # One float64 sum: NaN and infinity propagate, finite values cannot overflow, no tensor-sized mask.
+                if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+                    problems.append(f"non-finite values in {key} (NaN or infinity)")
         if problems:
             raise ValueError(
                 f"checkpoint does not match its config (backbone {model.config.backbone}, "
@@ -504,7 +554,7 @@ class PadimModel(PadimPreTrainedModel):
     @torch.no_grad()
     def forward(self, pixel_values: Tensor, return_dict: bool | None = None, **kwargs) -> PadimOutput | tuple:
         if self.config.num_train_images == 0:
-            raise RuntimeError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
+            raise NotFittedError("this PaDiM model is not fitted: call fit() or load a fitted checkpoint")
         embedding = self.embed(pixel_values)
         with torch.autocast(embedding.device.type, enabled=False):  # only the backbone runs in mixed precision
             distances = self.gaussian(embedding).unsqueeze(1)
@@ -514,8 +564,10 @@ class PadimModel(PadimPreTrainedModel):
                 anomaly_map = gaussian_blur_separable(anomaly_map, kernel, self.config.blur_sigma)
             pred_score = anomaly_map.amax(dim=(1, 2, 3))
         pred_label = None if self.config.image_threshold is None else pred_score >= self.config.image_threshold
-        output = PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
-        return output if return_dict is not False else output.to_tuple()
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not return_dict:  # always three entries, pred_label None when uncalibrated, so unpacking never shifts
+            return anomaly_map, pred_score, pred_label
+        return PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
 
     def _check_pixel_values(self, pixel_values: Tensor) -> None:
         size = self.config.input_size

@@ -4,39 +4,42 @@ This file is copied next to every saved model and named in its config's `custom_
 padim_hf: users without the package load it with `trust_remote_code=True`.
 """
 
+import base64
+import binascii
 import importlib.util
 import os
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from transformers import Pipeline
-from transformers.image_utils import load_image
 
 TASK = "anomaly-detection"  # config.json's `custom_pipelines` names this class under the task (PadimConfig.to_dict)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+URL_TIMEOUT = 10.0  # seconds per connect/read of an image URL: a stalled server must not hang the pipeline
 
 
-def open_image(image) -> PIL.Image.Image:
-    """A PIL image from a PIL image, a local path, a URL or base64 text.
-
-    Local files are opened as they are (not converted to RGB here), so the image processor sees 16-bit and
-    alpha images as they are and converts them properly; EXIF orientation is applied like `load_image` does.
-    """
-    if isinstance(image, PIL.Image.Image):
+def read_image_source(image, timeout: float | None = URL_TIMEOUT):
+    """What the image processor's decoder takes: a PIL image or array as it is, a local path, or the bytes of a
+    URL (fetched with `timeout` seconds per network operation) or of base64 text."""
+    if isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         return image
     if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
-        opened = PIL.Image.open(image)
-        opened.load()
-        return PIL.ImageOps.exif_transpose(opened)
+        return os.fspath(image)
+    if isinstance(image, str) and image.startswith(("http://", "https://")):
+        with urllib.request.urlopen(image, timeout=timeout) as response:
+            return response.read()
     looks_like_file = isinstance(image, str) and os.path.splitext(image)[1].lower() in IMAGE_SUFFIXES
-    if isinstance(image, os.PathLike) or (looks_like_file and not image.startswith(("http://", "https://"))):
+    if isinstance(image, os.PathLike) or looks_like_file:
         raise FileNotFoundError(f"image file not found: {image}")
     if isinstance(image, str):
-        return load_image(image)
+        try:
+            return base64.b64decode(image.split(",", 1)[-1], validate=True)
+        except binascii.Error as error:
+            raise ValueError("expected an image path, an http(s) URL or base64 image data") from error
     raise TypeError(f"expected a PIL image, an image path or URL, got {type(image).__name__}")
 
 
@@ -83,7 +86,8 @@ class AnomalyDetectionPipeline(Pipeline):
           original size (the image processor's `post_process_anomaly_maps`).
         - `mask` (`np.ndarray` of bool or `None`): `anomaly_map >= config.pixel_threshold`; `None` when uncalibrated.
 
-    Inputs: a PIL image, a local path or URL, or a list of them (then a list of dicts comes back).
+    Inputs: a PIL image, a local path or URL, or a list of them (then a list of dicts comes back). URLs are fetched
+    with a timeout (`timeout=` seconds, default `URL_TIMEOUT`).
 
     `engine="onnxruntime"` or `"openvino"` (a pipeline argument) runs the model's export in `onnx/` / `openvino/`
     instead of the PyTorch model; pre- and post-processing are the same.
@@ -95,21 +99,24 @@ class AnomalyDetectionPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, image_threshold=None, pixel_threshold=None, engine=None, **kwargs):
+    def _sanitize_parameters(self, image_threshold=None, pixel_threshold=None, timeout=None, engine=None, **kwargs):
         # Thresholds default to the model's calibrated ones; callers may override them per call.
         if engine is not None and engine != "torch":
             self.runtime = load_exported_runtime(self.model.name_or_path, engine)
         elif engine == "torch":
             self.runtime = None
+        preprocess = {} if timeout is None else {"timeout": float(timeout)}
         postprocess = {}
         if image_threshold is not None:
             postprocess["image_threshold"] = float(image_threshold)
         if pixel_threshold is not None:
             postprocess["pixel_threshold"] = float(pixel_threshold)
-        return {}, {}, postprocess
+        return preprocess, {}, postprocess
 
-    def preprocess(self, image) -> dict[str, Any]:
-        image = open_image(image)
+    def preprocess(self, image, timeout: float = URL_TIMEOUT) -> dict[str, Any]:
+        # The image processor's decoder (EXIF orientation, alpha, 16-bit...), as for every other entry point.
+        source = read_image_source(image, timeout)
+        image = self.image_processor.decode(source, name=image if isinstance(image, str) and len(image) < 500 else None)
         inputs = self.image_processor(image, return_tensors="pt")
         # (height, width) of the original image, to map the anomaly map back onto it; a (1, 2) tensor so that
         # pipeline batching (batch_size > 1) stacks and splits it like the pixel values.

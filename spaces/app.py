@@ -16,12 +16,12 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import gradio as gr
 import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 logger = logging.getLogger(__name__)
 
 MODEL_ENV = "PADIM_MODEL"
+REVISION_ENV = "PADIM_REVISION"  # a commit hash of the model repo: the remote code that runs is then fixed
 ENGINE_ENV = "PADIM_ENGINE"
 EXPORT_FOLDERS = {"onnxruntime": ("onnx", "model.onnx"), "openvino": ("openvino", "model.xml")}
 SPACE_DIR = Path(__file__).resolve().parent
@@ -64,7 +65,7 @@ class Analysis(NamedTuple):
     verdict: str
 
 
-def load_runtime(source: str, engine: str):
+def load_runtime(source: str, engine: str, revision: str | None = None):
     """The exported model's `PadimRuntime` (from its own `padim_runtime.py`) in `onnx/` or `openvino/` of `source`."""
     if engine not in EXPORT_FOLDERS:
         raise ValueError(f"{ENGINE_ENV}={engine!r}: choose torch, onnxruntime or openvino")
@@ -73,7 +74,7 @@ def load_runtime(source: str, engine: str):
     if not Path(source).is_dir():
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(source, allow_patterns=[f"{subfolder}/*"])) / subfolder
+        folder = Path(snapshot_download(source, revision=revision, allow_patterns=[f"{subfolder}/*"])) / subfolder
     if not (folder / marker).is_file():
         raise FileNotFoundError(f"{source} has no {subfolder}/{marker}: push it with `padim-hf push --export {subfolder}`")
     spec = importlib.util.spec_from_file_location("padim_runtime", folder / "padim_runtime.py")
@@ -93,21 +94,28 @@ class Detector:
     model_config: Any = None
 
     @classmethod
-    def load(cls, source: str | Path, engine: str = "torch") -> "Detector":
+    def load(cls, source: str | Path, revision: str | None = None, engine: str = "torch") -> "Detector":
+        # trust_remote_code runs the repository's code: `revision` (PADIM_REVISION, a commit hash) pins what runs.
         if engine != "torch":
-            config = AutoConfig.from_pretrained(str(source), trust_remote_code=True)
+            config = AutoConfig.from_pretrained(str(source), trust_remote_code=True, revision=revision)
             if getattr(config, "model_type", None) != "padim":
                 raise ValueError(f"{source} is a {config.model_type!r} model, not a PaDiM model")
-            processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=True)
-            runtime = load_runtime(str(source), engine)
+            processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=True, revision=revision)
+            runtime = load_runtime(str(source), engine, revision)
             return cls(model=None, processor=processor, source=str(source), runtime=runtime, model_config=config)
-        model = AutoModel.from_pretrained(str(source), trust_remote_code=True).eval()
+        model = AutoModel.from_pretrained(str(source), trust_remote_code=True, revision=revision).eval()
         if torch.cuda.is_available():  # GPU Space hardware
             model = model.to("cuda")
         if getattr(model.config, "model_type", None) != "padim":
             raise ValueError(f"{source} is a {model.config.model_type!r} model, not a PaDiM model")
-        processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=True)
-        return cls(model=model, processor=processor, source=str(source))
+        processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=True, revision=revision)
+        if not hasattr(processor, "decode"):
+            raise ValueError(
+                f"{source} was saved by a padim_hf without the shared image decoder (processor.decode): re-save it "
+                "with the current padim_hf and push it again"
+            )
+        shown = f"{source}@{revision}" if revision else str(source)
+        return cls(model=model, processor=processor, source=shown)
 
     @property
     def config(self):
@@ -163,48 +171,43 @@ def default_thresholds(config) -> Thresholds:
     return Thresholds(image=image, pixel=pixel, calibrated=True)
 
 
-def load_image(image: str | Path | PIL.Image.Image | np.ndarray) -> PIL.Image.Image:
+def load_image(image: str | Path | PIL.Image.Image | np.ndarray, decode: Callable[[Any], PIL.Image.Image]) -> PIL.Image.Image:
     """An RGB PIL image no longer than MAX_SIDE, from a path, PIL image or array of any common mode.
 
-    Grayscale is replicated, transparency is composited on white (as the image processor does), 16-bit images are
-    scaled to 8 bits, EXIF rotation is applied. Raises ValueError with a user-facing message for anything else.
+    `decode` is the model's image processor's decoder (`processor.decode`), the one the CLI, the pipeline and the
+    processor use: EXIF orientation, palette, alpha on white, CMYK, 16-bit are handled the same everywhere, so an
+    image gives the same map here as in `padim-hf predict`. This function only guards size: huge images are refused
+    from their header and big ones downscaled first (JPEG decodes at a reduced scale straight away). Raises
+    ValueError with a user-facing message for anything else.
     """
+    name = "the image"
     if isinstance(image, np.ndarray):
-        image = array_to_pil(image)
+        if image.ndim < 2 or 0 in image.shape[:2]:
+            raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image array, got shape {image.shape}")
+        check_pixel_count(image.shape[1], image.shape[0])
     elif isinstance(image, (str, Path)):
+        name = Path(image).name
         image = open_image_file(Path(image))
     elif not isinstance(image, PIL.Image.Image):
         raise ValueError(f"expected an image, got {type(image).__name__}")
-    check_pixel_count(image.width, image.height)
-    image = PIL.ImageOps.exif_transpose(downscale(image))  # first, so later steps handle at most MAX_SIDE^2 pixels
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        image = to_8_bit(image)
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
+    if isinstance(image, PIL.Image.Image):
+        check_pixel_count(image.width, image.height)
+        image = downscale(image)  # first, so decoding handles at most MAX_SIDE^2 pixels
+    rgb = decode(image, name=name)
+    return downscale(rgb)  # arrays are only checked above
 
 
 def downscale(image: PIL.Image.Image) -> PIL.Image.Image:
-    """`image` shrunk to at most MAX_SIDE on its longest side (a new image: the caller's is left alone)."""
+    """`image` shrunk to at most MAX_SIDE on its longest side (a new image: the caller's is left alone; its EXIF
+    orientation tag travels with it)."""
     scale = MAX_SIDE / max(image.size)
     if scale >= 1:
         return image
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     # reducing_gap: a fast integer box reduction first, then Lanczos on the small image.
-    return image.resize(size, PIL.Image.Resampling.LANCZOS, reducing_gap=3.0)
-
-
-def to_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
-    """8-bit grayscale from a 16/32-bit integer image (0..65535) or a float image (0..1)."""
-    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
-    if image.mode == "F" and pixels.max(initial=0) <= 1.0:
-        scale = 255.0
-    elif pixels.max(initial=0) > 255:
-        scale = 255.0 / 65535.0
-    else:  # a wide type holding 8-bit values
-        scale = 1.0
-    return PIL.Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8))
+    resized = image.resize(size, PIL.Image.Resampling.LANCZOS, reducing_gap=3.0)
+    resized.info = dict(image.info)
+    return resized
 
 
 def open_image_file(path: Path) -> PIL.Image.Image:
@@ -220,20 +223,6 @@ def open_image_file(path: Path) -> PIL.Image.Image:
     except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{path.name} is not an image Pillow can read (PNG, JPEG, BMP, TIFF, WebP, ...)") from error
     return image
-
-
-def array_to_pil(array: np.ndarray) -> PIL.Image.Image:
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
-        raise ValueError(f"expected an (H, W), (H, W, 3) or (H, W, 4) image array, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        if array.dtype.kind == "f":
-            array = np.clip(np.nan_to_num(array) * 255.0, 0, 255)  # float images lie in [0, 1]
-        elif array.max(initial=0) > 255:
-            array = array / 257.0  # 16-bit
-        array = np.rint(array).astype(np.uint8)
-    return PIL.Image.fromarray(array)
 
 
 def check_pixel_count(width: int, height: int) -> None:
@@ -297,7 +286,7 @@ def analyse(
     defaults = detector.thresholds()
     image_threshold = defaults.image if image_threshold is None else float(image_threshold)
     pixel_threshold = defaults.pixel if pixel_threshold is None else float(pixel_threshold)
-    rgb = load_image(image)
+    rgb = load_image(image, detector.processor.decode)
     anomaly_map, score = detector.predict(rgb)
     mask = anomaly_map >= pixel_threshold
     overlay = render_overlay(np.asarray(rgb), anomaly_map, pixel_threshold, *colour_range(defaults))
@@ -375,15 +364,35 @@ def model_card_markdown(detector: Detector) -> str:
             f"{config.n_features}-d Gaussian's distance. Real scores run higher (much higher after few training "
             "images): move the sliders, or evaluate the model on labelled images to calibrate it."
         )
-    metrics = {key: value for key, value in (config.metrics or {}).items() if isinstance(value, (int, float))}
+    metrics = evaluation_metrics(config.metrics)
     if metrics:
-        dataset = (config.metrics or {}).get("dataset")
+        dataset = dataset_description((config.metrics or {}).get("dataset"))
         lines.append(f"\n**Evaluation**{f' on {dataset}' if dataset else ''}\n")
         lines.append("| metric | value |\n|---|---|")
         lines.extend(f"| {key.replace('_', ' ')} | {value:.3f} |" for key, value in metrics.items())
     else:
         lines.append("- Not evaluated yet: no metrics.")
     return "\n".join(lines)
+
+
+def evaluation_metrics(metrics: dict | None) -> dict[str, float]:
+    """The scores in `config.metrics` (AUROC, AUPRO, F1...), without counts such as `num_images` or nested data."""
+    return {
+        key: float(value)
+        for key, value in (metrics or {}).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("num_")
+    }
+
+
+def dataset_description(dataset) -> str:
+    """`metrics["dataset"]` as evaluate writes it ({"name", "config", "split"}) in words, e.g. "hazelnut (test split)"."""
+    if not isinstance(dataset, dict):
+        return str(dataset) if dataset else ""
+    details = [f"configuration {dataset['config']}" if dataset.get("config") else None]
+    details.append(f"{dataset['split']} split" if dataset.get("split") else None)
+    details = ", ".join(detail for detail in details if detail)
+    name = f"`{dataset['name']}`" if dataset.get("name") else "an unnamed dataset"
+    return f"{name} ({details})" if details else name
 
 
 def slider_maximum(thresholds: Thresholds) -> float:
@@ -494,11 +503,15 @@ def model_source() -> str:
     return os.environ.get(MODEL_ENV) or str(DEFAULT_LOCAL_MODEL)
 
 
+def model_revision() -> str | None:
+    return os.environ.get(REVISION_ENV) or None
+
+
 def model_engine() -> str:
     return os.environ.get(ENGINE_ENV) or "torch"
 
 
-def load_detector(source: str, engine: str | None = None) -> tuple[Detector | None, str]:
+def load_detector(source: str, revision: str | None = None, engine: str | None = None) -> tuple[Detector | None, str]:
     """The detector at `source`, or None and a message saying what went wrong and how to get a model."""
     if source == str(DEFAULT_LOCAL_MODEL) and not DEFAULT_LOCAL_MODEL.exists():
         if os.environ.get("SPACE_ID"):  # running on Hugging Face: the fix is a Space setting, not a local command
@@ -507,13 +520,13 @@ def load_detector(source: str, engine: str | None = None) -> tuple[Detector | No
             )
         return None, f"No model at `{DEFAULT_LOCAL_MODEL}`. {HOW_TO_MAKE_A_MODEL}"
     try:
-        return Detector.load(source, engine or model_engine()), ""
+        return Detector.load(source, revision, engine or model_engine()), ""
     except Exception as error:  # any loading failure is reported in the UI, the app still starts
         logger.exception("could not load %s", source)
         return None, f"Could not load the model `{source}`: {type(error).__name__}: {error}\n\n{HOW_TO_MAKE_A_MODEL}"
 
 
-DETECTOR, LOAD_MESSAGE = load_detector(model_source())
+DETECTOR, LOAD_MESSAGE = load_detector(model_source(), model_revision())
 demo = build_demo(DETECTOR, LOAD_MESSAGE)
 
 if __name__ == "__main__":

@@ -95,8 +95,12 @@ def test_save_fitted_writes_atomically_only_on_the_main_process(reference, tmp_p
     with pytest.raises(FileExistsError):
         save_fitted(reference, target)
     (target / "marker").write_text("old")
+    with pytest.raises(FileExistsError, match="marker"):  # overwrite never deletes a file that is not the model's
+        save_fitted(reference, target, overwrite=True)
+    (target / "marker").unlink()
+    (target / "config.json").write_text(json.dumps({**json.loads((target / "config.json").read_text()), "seed": -1}))
     save_fitted(reference, target, overwrite=True)
-    assert not (target / "marker").exists()
+    assert json.loads((target / "config.json").read_text())["seed"] == reference.config.seed  # replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging directory left beside it
     with pytest.raises(ValueError, match="not fitted"):
         save_fitted(build_model("padim-lite0-offline", **SMALL), tmp_path / "unfitted")

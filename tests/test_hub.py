@@ -441,7 +441,8 @@ def test_cli_push_configured_by_environment(fitted, hub_env, tmp_path):
     # A server failure reaches the user as one clear line and a non-zero exit status.
     changed = tmp_path / "changed"
     shutil.copytree(directory, changed)
-    (changed / "notes.txt").write_text("calibrated on line 3\n")  # a change, so the client has a commit to send
+    (changed / "README.md").write_text("# a new card\n")  # a change, so the client has a commit to send
+    (changed / "notes.txt").write_text("calibrated on line 3\n")  # not a model file: never pushed
     hub_env.state.fail_next("commit")
     command[4] = str(changed)
     failed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -26,6 +26,8 @@ import torch
 from padim_hf import PadimConfig, PadimImageProcessor, PadimModel
 from padim_hf.weights import export_lite0_weights
 
+from .test_hub import hub, hub_env  # noqa: F401  (the loopback Hub fixtures)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPACE_DIR = REPO_ROOT / "spaces"
 EXAMPLES = SPACE_DIR / "examples"
@@ -93,7 +95,13 @@ def calibrate(model: PadimModel) -> None:
     model.config.image_threshold = (highest_good + lowest_bad) / 2
     model.config.pixel_threshold = (highest_good + lowest_bad) / 2
     model.config.train_dataset = "synthetic fabric (spaces/synthetic.py)"
-    model.config.metrics = {"image_auroc": 1.0, "pixel_auroc": pixel_auroc, "dataset": "synthetic fabric, held out"}
+    # The shape `padim-hf evaluate` writes: scores, the dataset as {name, config, split}, and the image count.
+    model.config.metrics = {
+        "image_auroc": 1.0,
+        "pixel_auroc": pixel_auroc,
+        "dataset": {"name": "synthetic-fabric", "config": None, "split": "held_out"},
+        "num_images": len(good) + len(bad),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -298,7 +306,8 @@ def test_model_panel_lists_backbone_training_set_and_metrics(app):
     assert "synthetic fabric (spaces/synthetic.py) (8 defect-free images)" in text
     pixel_auroc = app.DETECTOR.config.metrics["pixel_auroc"]
     assert "| image auroc | 1.000 |" in text and f"| pixel auroc | {pixel_auroc:.3f} |" in text
-    assert "on synthetic fabric, held out" in text
+    assert "on `synthetic-fabric` (held_out split)" in text
+    assert "num" not in text and "{" not in text  # no image count among the metrics, no Python dict repr
     assert f"image {app.DETECTOR.thresholds().image:.2f}" in text
 
 
@@ -582,6 +591,29 @@ def test_browser_sliders_grow_past_an_uncalibrated_guess(app, uncalibrated_model
         demo.close()
 
 
+def test_padim_revision_pins_the_model_commit(app, model_dir, hub_env, monkeypatch, tmp_path):
+    import json
+    import shutil
+
+    from padim_hf.hub import push_model_commit
+
+    first = push_model_commit(model_dir, "tester/space-pinned")
+    changed = Path(shutil.copytree(model_dir, tmp_path / "changed"))
+    config = json.loads((changed / "config.json").read_text())
+    config["image_threshold"] = 123.0
+    (changed / "config.json").write_text(json.dumps(config))
+    push_model_commit(changed, "tester/space-pinned")
+    monkeypatch.setenv("PADIM_MODEL", "tester/space-pinned")
+    monkeypatch.setenv("PADIM_REVISION", first.oid)
+    pinned, message = app.load_detector(app.model_source(), app.model_revision())
+    assert pinned is not None, message
+    assert pinned.config.image_threshold == pytest.approx(app.DETECTOR.config.image_threshold)
+    assert first.oid in app.model_card_markdown(pinned)
+    monkeypatch.delenv("PADIM_REVISION")
+    latest, message = app.load_detector(app.model_source(), app.model_revision())
+    assert latest.config.image_threshold == 123.0
+
+
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_space_runs_the_exported_model(app, model_dir, engine, tmp_path):
     from padim_hf.export import export
@@ -590,7 +622,7 @@ def test_space_runs_the_exported_model(app, model_dir, engine, tmp_path):
     shutil.copytree(model_dir, exported)
     export(exported, exported / ("onnx" if engine == "onnxruntime" else "openvino"), "onnx" if engine == "onnxruntime" else "openvino")
     torch_detector = app.Detector.load(exported)
-    detector, message = app.load_detector(str(exported), engine)
+    detector, message = app.load_detector(str(exported), engine=engine)
     assert message == "" and detector.model is None and detector.runtime.engine == engine
     assert detector.config.image_threshold == torch_detector.config.image_threshold
     image = PIL.Image.fromarray(defect_image("scratch")[0])
