@@ -106,11 +106,13 @@ def build_anomalib_lightning(config_name: str, workdir: Path):
     return lightning.eval()
 
 
-def prepare_anomalib(config_name: str, workdir: Path) -> dict:
+def prepare_anomalib(config_name: str, workdir: Path, export: bool) -> dict:
     import torch
 
     lightning = build_anomalib_lightning(config_name, workdir)
     torch.save(lightning.model.state_dict(), workdir / "anomalib_model.pt")
+    if not export:
+        return {"peak_rss_bytes": peak_rss()}
     start = time.perf_counter()
     try:
         path = lightning.to_openvino(workdir / "anomalib_export", input_size=(SIZE, SIZE))
@@ -273,7 +275,7 @@ def main() -> None:
         if task == "prepare-ours":
             print(json.dumps(prepare_ours(config_name, workdir)))
         elif task == "prepare-anomalib":
-            print(json.dumps(prepare_anomalib(config_name, workdir)))
+            print(json.dumps(prepare_anomalib(config_name, workdir, export=rest == ["export"])))
         else:
             engine, mode, count = rest
             print(json.dumps(measure(engine, config_name, workdir, mode, int(count))))
@@ -285,7 +287,8 @@ def main() -> None:
             row = {"prepare_ours": worker(["prepare-ours", config_name, scratch], 3000)}
             print(config_name, "prepare ours", row["prepare_ours"], flush=True)
             if any(engine.startswith("anomalib") for engine in args.engines):
-                row["prepare_anomalib"] = worker(["prepare-anomalib", config_name, scratch], 3000)
+                export = any(engine.startswith("anomalib-openvino") for engine in args.engines)
+                row["prepare_anomalib"] = worker(["prepare-anomalib", config_name, scratch, *(["export"] if export else [])], 3000)
                 print(config_name, "prepare anomalib", row["prepare_anomalib"], flush=True)
             for engine in args.engines:
                 for mode, count in (("throughput", args.batches), ("latency", args.latency_runs)):
