@@ -159,10 +159,11 @@ def load_engine(engine: str, config_name: str, workdir: Path):
 
         model = AnomalibPadim(backbone=CONFIGS[config_name]["backbone"], layers=LAYERS, pre_trained=False,
                               n_features=CONFIGS[config_name]["n_features"])
-        state = torch.load(workdir / "anomalib_model.pt", mmap=True)
-        model.gaussian.mean = torch.empty_like(state["gaussian.mean"])
-        model.gaussian.inv_covariance = torch.empty_like(state["gaussian.inv_covariance"])
-        model.load_state_dict(state)
+        # anomalib's leanest load: one copy of the checkpoint in memory, taken over by the model (assign=True).
+        state = torch.load(workdir / "anomalib_model.pt")
+        model.gaussian.mean = torch.empty_like(state["gaussian.mean"], device="meta")
+        model.gaussian.inv_covariance = torch.empty_like(state["gaussian.inv_covariance"], device="meta")
+        model.load_state_dict(state, assign=True)
         del state
         model.eval()
 
