@@ -54,7 +54,7 @@ def images(count: int, seed: int):
 
 # ---------------------------------------------------------------------------------------------------------- prepare
 
-def prepare_ours(config_name: str, workdir: Path) -> dict:
+def prepare_ours(config_name: str, workdir: Path, export: bool = True) -> dict:
     import torch
 
     from padim_hf import PadimConfig, PadimModel
@@ -75,7 +75,7 @@ def prepare_ours(config_name: str, workdir: Path) -> dict:
     torch.save({"backbone": model.backbone.state_dict(), "mean": model.gaussian.mean, "diagonal": diagonal,
                 "feature_indices": torch.tensor(config.feature_indices)}, workdir / "shared_state.pt")
     timings = {}
-    for fmt, exporter in (("onnx", export_onnx), ("openvino", export_openvino)):
+    for fmt, exporter in (("onnx", export_onnx), ("openvino", export_openvino)) if export else ():
         start = time.perf_counter()
         exporter(model, workdir / "ours" / fmt)
         timings[f"export_{fmt}_seconds"] = time.perf_counter() - start
@@ -274,7 +274,7 @@ def main() -> None:
         task, config_name, workdir, *rest = args.worker
         workdir = Path(workdir)
         if task == "prepare-ours":
-            print(json.dumps(prepare_ours(config_name, workdir)))
+            print(json.dumps(prepare_ours(config_name, workdir, export=rest != ["noexport"])))
         elif task == "prepare-anomalib":
             print(json.dumps(prepare_anomalib(config_name, workdir, export=rest == ["export"])))
         else:
@@ -285,7 +285,9 @@ def main() -> None:
     for config_name in args.configs:
         with tempfile.TemporaryDirectory(prefix=f"bench_export_{config_name}_") as scratch:
             workdir = Path(scratch)
-            row = {"prepare_ours": worker(["prepare-ours", config_name, scratch], 3000)}
+            export_ours = any(engine in ("ours-onnxruntime", "ours-openvino") for engine in args.engines)
+            row = {"prepare_ours": worker(["prepare-ours", config_name, scratch, *([] if export_ours else ["noexport"])], 3000)}
+            report["results"][config_name] = row  # written after every worker: a run cut short keeps what it measured
             print(config_name, "prepare ours", row["prepare_ours"], flush=True)
             if any(engine.startswith("anomalib") for engine in args.engines):
                 export = any(engine.startswith("anomalib-openvino") for engine in args.engines)
@@ -295,6 +297,8 @@ def main() -> None:
                 for mode, count in (("throughput", args.batches), ("latency", args.latency_runs)):
                     row[f"{engine}/{mode}"] = worker(["measure", config_name, scratch, engine, mode, str(count)], 3000)
                     print(config_name, engine, mode, {k: v for k, v in row[f"{engine}/{mode}"].items() if not isinstance(v, list)}, flush=True)
+                    args.output.parent.mkdir(parents=True, exist_ok=True)
+                    args.output.write_text(json.dumps(report, indent=2))
             import numpy as np
 
             maps = {engine: np.load(workdir / f"maps_{engine}.npy") for engine in args.engines if (workdir / f"maps_{engine}.npy").is_file()}
