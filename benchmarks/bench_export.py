@@ -4,7 +4,7 @@ compiles it: default config; and with float32 pinned).
 
 Same random backbone weights and the same Gaussian in both implementations (a diagonal whitening factor W, so
 anomalib's inverse covariance is W^T W exactly), same 224 px inputs. Every measurement runs in a fresh subprocess so
-peak RSS (ru_maxrss) is that of one engine: load from disk + predict. Throughput: median batch time over timed
+peak RSS (VmHWM) is that of one engine: load from disk + predict. Throughput: median batch time over timed
 batches of 32 after a warm-up batch; latency: median of batch-1 runs after a warm-up. Map difference: max |map -
 reference| / max |reference| on 4 probe images, reference = that implementation's torch eager maps (and, for
 anomalib's torch vs ours, the cross-implementation difference).
@@ -38,6 +38,11 @@ ENGINES = ["ours-torch", "ours-onnxruntime", "ours-openvino", "anomalib-torch", 
 
 
 def peak_rss() -> int:
+    """This process's peak RSS: VmHWM, the high-water mark of its own address space. (ru_maxrss also counts the
+    parent's peak: Linux folds the forking parent's high-water mark into the child's at exec.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
