@@ -39,7 +39,6 @@ MODEL_FILE_PATTERNS = (
 # Code files for trust_remote_code: save_pretrained copies modules of this package; a user's own script is not one.
 CODE_FILES = frozenset(path.name for path in Path(__file__).parent.glob("*.py") if path.name != "__init__.py")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
 
 
