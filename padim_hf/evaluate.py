@@ -18,6 +18,7 @@ threshold is chosen (AUROC, AUPRO and F1-max need none).
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -206,9 +207,8 @@ def score_split(
         labels.extend(batch["labels"].tolist())
         paths.extend(batch["paths"])
         if pixels is not None:
-            maps = output.anomaly_map[:, 0].float().cpu()
-            if protocol == "original":
-                maps = processor.post_process_anomaly_maps(output.anomaly_map.float().cpu(), batch["sizes"])
+            maps = output.anomaly_map.float().cpu()
+            maps = processor.post_process_anomaly_maps(maps, batch["sizes"]) if protocol == "original" else maps[:, 0]
             pixels.update(maps, batch["masks"])
     # gather_object concatenates the processes' lists in rank order: the shards are contiguous, so this is
     # dataset order. Each list holds one float per image (the only per-image state).
@@ -415,7 +415,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         if not math.isnan(result.pixel_auroc):
             write_gallery(model, processor, dataset, result, target / "gallery.png")
     if result.calibration is None and accelerator.is_main_process:
-        print("note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set")
+        print(
+            "note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set",
+            file=sys.stderr,
+        )
     return result.report()
 
 

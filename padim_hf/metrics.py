@@ -102,7 +102,7 @@ class StreamingPixelMetrics:
     regions. Counts >= a bin edge are exact, so FPR, TPR and PRO are exact at every edge; the curves are integrated
     through those points instead of through every distinct score. The difference is bounded by the pairs of
     normal and anomalous pixels sharing a bin (AUROC); with 2**20 bins and a range at most twice the top score it
-    stays below 1e-6 on real maps (tests hold it to 1e-4 against `auroc`/`aupro`).
+    was ~1e-8 on hazelnut maps (BENCHMARKS.md; the tests hold it to 1e-4 against `auroc`/`aupro`).
 
     Why not torchmetrics' binned metrics: their state is a (T, 2, 2) confusion matrix filled by comparing every
     pixel with every threshold (or looping over thresholds), which is too slow at 2**20 thresholds, and they need

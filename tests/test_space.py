@@ -8,6 +8,7 @@ its thresholds calibrated on held-out synthetic images, saved with its remote co
 import importlib.util
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -616,3 +617,22 @@ def test_padim_revision_pins_the_model_commit(app, model_dir, hub_env, monkeypat
     monkeypatch.delenv("PADIM_REVISION")
     latest, message = app.load_detector(app.model_source(), app.model_revision())
     assert latest.config.image_threshold == 123.0
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_space_runs_the_exported_model(app, model_dir, engine, tmp_path):
+    from padim_hf.export import export
+
+    exported = tmp_path / "model"
+    shutil.copytree(model_dir, exported)
+    export(exported, exported / ("onnx" if engine == "onnxruntime" else "openvino"), "onnx" if engine == "onnxruntime" else "openvino")
+    torch_detector = app.Detector.load(exported)
+    detector, message = app.load_detector(str(exported), engine=engine)
+    assert message == "" and detector.model is None and detector.runtime.engine == engine
+    assert detector.config.image_threshold == torch_detector.config.image_threshold
+    image = PIL.Image.fromarray(defect_image("scratch")[0])
+    anomaly_map, score = detector.predict(image)
+    expected_map, expected_score = torch_detector.predict(image)
+    assert anomaly_map.shape == expected_map.shape == (image.height, image.width)
+    assert abs(score - expected_score) <= 1e-4 * expected_score
+    assert np.abs(anomaly_map - expected_map).max() <= 1e-4 * np.abs(expected_map).max()
