@@ -1,10 +1,10 @@
-"""`padim-hf`: fit, evaluate, predict, push, demo, benchmark."""
+"""`padim-hf`: fit, evaluate, predict, push, demo, benchmark, export."""
 
 import argparse
 import logging
 import sys
 
-from . import benchmark, demo, evaluate, fit, predict
+from . import benchmark, demo, evaluate, export, fit, predict
 from .hub import HubPushError
 from .modeling_padim import NotFittedError
 
@@ -18,13 +18,16 @@ def push_main(argv: list[str]) -> None:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="branch to push to (created if missing)")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
+    parser.add_argument("--export", nargs="+", choices=("onnx", "openvino"), default=(),
+                        help="also export to these formats and upload them to onnx/ / openvino/ in the same commit")
     args = parser.parse_args(argv)
-    print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token))
+    print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+                     export=args.export))
 
 
 COMMANDS = {
     "fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
-    "benchmark": benchmark.main,
+    "benchmark": benchmark.main, "export": export.main,
 }
 # Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says what
 # to fix. Anything else (a CUDA out-of-memory error, a bug) keeps its traceback: hiding it would hide the cause.

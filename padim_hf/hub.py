@@ -2,6 +2,8 @@
 
 import json
 import logging
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, constants
@@ -117,12 +119,26 @@ def stale_weight_files(api: HfApi, repo_id: str, revision: str | None, uploading
     return [path for path in remote if path.endswith(WEIGHT_SUFFIXES) and path not in uploading]
 
 
-def card_operation(model_dir: Path, repo_id: str, tags: list[str] | None) -> CommitOperationAdd:
+def export_operations(model_dir: Path, formats: list[str], scratch: Path) -> list[CommitOperationAdd]:
+    """Exports the model in `model_dir` to each format under `scratch/<format>` (never into `model_dir`) and returns
+    the uploads to `onnx/` / `openvino/` in the repo."""
+    from .export import export
+    from .modeling_padim import PadimModel
+
+    model = PadimModel.from_pretrained(model_dir)
+    operations = []
+    for fmt in formats:
+        for path in export(model, scratch / fmt, fmt):
+            operations.append(CommitOperationAdd(path_in_repo=f"{fmt}/{path.name}", path_or_fileobj=str(path)))
+    return operations
+
+
+def card_operation(model_dir: Path, repo_id: str, tags: list[str] | None, exports: list[str] | None = None) -> CommitOperationAdd:
     """README.md: the directory's own card when it has one, else one generated from its config (the local
     directory is not modified)."""
     if (model_dir / CARD_FILE).is_file():
         return CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(model_dir / CARD_FILE))
-    card = model_card_for_directory(model_dir, repo_id, tags=tags)
+    card = model_card_for_directory(model_dir, repo_id, tags=tags, exports=exports)
     return CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=str(card).encode())
 
 
@@ -137,38 +153,48 @@ def push_model_commit(
     commit_description: str | None = None,
     create_pr: bool = False,
     tags: list[str] | None = None,
+    export: Sequence[str] = (),
 ) -> CommitInfo:
     """Like `push_model`, returning the `CommitInfo`; `private=None` leaves new repos at the namespace's default."""
     model_dir = Path(model_dir)
     check_model_directory(model_dir)
     if constants.is_offline_mode():
         raise HubPushError("cannot push while HF_HUB_OFFLINE=1 is set: unset it to reach the Hub")
+    unknown = sorted(set(export) - {"onnx", "openvino"})
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}: choose from onnx, openvino")
     api = HfApi(token=resolve_token(token))
-    files = [name for name in local_files(model_dir) if name != CARD_FILE]
+    exports = list(dict.fromkeys(export))
+    # A requested export replaces whatever the directory holds in that folder (it is made from the same weights).
+    files = [name for name in local_files(model_dir) if name != CARD_FILE and name.split("/")[0] not in exports]
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name in files]
     config = public_config(model_dir)
     if config is not None:
         operations = [op for op in operations if op.path_in_repo != "config.json"]
         operations.append(CommitOperationAdd(path_in_repo="config.json", path_or_fileobj=config))
-    try:
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # a bare name gains a namespace
-        operations.append(card_operation(model_dir, repo_id, tags))
-        if revision is not None and not create_pr:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        stale = stale_weight_files(api, repo_id, revision, set(files))
-        operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
-        return api.create_commit(
-            repo_id,
-            operations=operations,
-            commit_message=commit_message or "Upload PaDiM model",
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )
-    except Exception as error:
-        if not is_network_error(error):
-            raise
-        raise HubPushError(push_failure_message(error, model_dir, repo_id, revision)) from error
+    exported_here = [name for name in ("onnx", "openvino") if any(f.startswith(f"{name}/") for f in files)]
+    with tempfile.TemporaryDirectory() as scratch:  # exports are written here, never into model_dir
+        try:
+            if exports:
+                operations += export_operations(model_dir, exports, Path(scratch))
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # a bare name gains a namespace
+            operations.append(card_operation(model_dir, repo_id, tags, sorted({*exports, *exported_here})))
+            if revision is not None and not create_pr:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            stale = stale_weight_files(api, repo_id, revision, set(files))
+            operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
+            return api.create_commit(
+                repo_id,
+                operations=operations,
+                commit_message=commit_message or "Upload PaDiM model",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
+        except Exception as error:
+            if not is_network_error(error):
+                raise
+            raise HubPushError(push_failure_message(error, model_dir, repo_id, revision)) from error
 
 
 def push_model(
@@ -179,6 +205,7 @@ def push_model(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str | None = None,
+    export: Sequence[str] = (),
 ) -> str:
     """Uploads a model directory written by `PadimModel.save_pretrained` to the Hub in a single commit.
 
@@ -195,6 +222,9 @@ def push_model(
         revision: branch to commit to, created from `main` when missing.
         token: write token; defaults to HF_TOKEN or the `hf auth login` cache.
         commit_message: defaults to "Upload PaDiM model".
+        export: formats ("onnx", "openvino") to export from the model and add to the same commit under `onnx/` /
+            `openvino/`, with a model-card section on running them without PyTorch. The export is written to a
+            temporary folder, never into `model_dir`.
 
     Returns:
         The URL of the new commit.
@@ -204,7 +234,8 @@ def push_model(
         HubPushError: no token, offline mode, or the Hub refused or failed the push (nothing is committed then).
     """
     commit = push_model_commit(
-        model_dir, repo_id, private=private, revision=revision, token=token, commit_message=commit_message
+        model_dir, repo_id, private=private, revision=revision, token=token, commit_message=commit_message,
+        export=export,
     )
     return commit.commit_url
 

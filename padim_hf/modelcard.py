@@ -222,6 +222,42 @@ Lower level: `PadimModel.from_pretrained("{repo_id}")` with `AutoImageProcessor.
 the processor's `post_process_anomaly_maps` resizes maps to the original image sizes."""
 
 
+def deployment_section(repo_id: str, exports: list[str]) -> str:
+    """How to run the exported graphs in `onnx/` / `openvino/` with numpy, Pillow and the runtime only."""
+    if not exports:
+        return ""
+    engines = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
+    lines = [
+        "## Run without PyTorch",
+        "",
+        "This repository also holds the model exported to "
+        + " and ".join(f"`{name}/`" for name in exports)
+        + " (graph + `padim_export.json` with the pre-processing and thresholds + `padim_runtime.py`). "
+        "On a machine with only numpy, Pillow and the runtime:",
+        "",
+        "```bash",
+        f"pip install numpy pillow {' '.join(engines[name][0] for name in exports)} huggingface_hub",
+        f"hf download {repo_id} --include '{exports[0]}/*' --local-dir detector",
+        "```",
+        "",
+        "```python",
+        "import sys",
+        f"sys.path.insert(0, \"detector/{exports[0]}\")",
+        "from padim_runtime import PadimRuntime",
+        "",
+        f"detector = PadimRuntime(\"detector/{exports[0]}\", engine=\"{engines[exports[0]][0]}\")",
+        "result = detector.predict(\"image.png\")[0]",
+        "result[\"score\"], result[\"label\"], result[\"anomaly_map\"]  # map at the image's size",
+        "```",
+        "",
+        "The graph takes `pixel_values` (batch, 3, S, S) and returns `anomaly_map` and `pred_score` (plus `pred_label`"
+        " / `normalized_score` when calibrated); its maps match PyTorch's within 1e-4 relative. OpenVINO must compile"
+        " it with `{\"INFERENCE_PRECISION_HINT\": \"f32\"}` (padim_runtime does): its CPU plugin would otherwise"
+        " run it in bfloat16.",
+    ]
+    return "\n".join(lines)
+
+
 def limitations_section(config: PadimConfig) -> str:
     return (
         "## Limitations\n\n"
@@ -246,8 +282,11 @@ def build_model_card(
     has_gallery: bool = False,
     license: str | None = None,
     tags: list[str] | None = None,
+    exports: list[str] | None = None,
 ) -> ModelCard:
-    """The model card of a fitted PaDiM model: metadata from `config` (incl. `config.metrics`), readable body."""
+    """The model card of a fitted PaDiM model: metadata from `config` (incl. `config.metrics`), readable body.
+
+    `exports` names the exported folders the repository holds ("onnx", "openvino"), shown with torch-free usage."""
     model_name = repo_id.split("/")[-1] if repo_id else f"padim-{config.backbone}"
     data = card_data(config, model_name, license=license, tags=tags)
     sections = [
@@ -257,6 +296,7 @@ def build_model_card(
         evaluation_section(config),
         gallery_section(has_gallery),
         usage_section(repo_id or "path/to/model"),
+        deployment_section(repo_id or "path/to/model", list(exports or [])),
         limitations_section(config),
         citation_section(),
     ]
@@ -265,17 +305,25 @@ def build_model_card(
 
 
 def model_card_for_directory(
-    model_dir: str | Path, repo_id: str | None = None, *, license: str | None = None, tags: list[str] | None = None
+    model_dir: str | Path,
+    repo_id: str | None = None,
+    *,
+    license: str | None = None,
+    tags: list[str] | None = None,
+    exports: list[str] | None = None,
 ) -> ModelCard:
-    """The card for a saved model directory (reads its config.json; embeds gallery.png when present)."""
+    """The card for a saved model directory (reads its config.json; embeds gallery.png when present). `exports`
+    defaults to the exported folders (`onnx/`, `openvino/`) the directory holds."""
     model_dir = Path(model_dir)
     config = PadimConfig.from_pretrained(model_dir)
+    if exports is None:
+        exports = [name for name in ("onnx", "openvino") if (model_dir / name / "padim_export.json").is_file()]
     # The card is published: dataset references as Hub ids or folder names, never local paths.
     config.train_dataset = dataset_reference(config.train_dataset)
     config.metrics = without_local_paths(config.metrics)
     config.calibration = without_local_paths(getattr(config, "calibration", None))
     return build_model_card(
-        config, repo_id, has_gallery=(model_dir / GALLERY_FILE).is_file(), license=license, tags=tags
+        config, repo_id, has_gallery=(model_dir / GALLERY_FILE).is_file(), license=license, tags=tags, exports=exports
     )
 
 

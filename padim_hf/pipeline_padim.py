@@ -6,8 +6,10 @@ padim_hf: users without the package load it with `trust_remote_code=True`.
 
 import base64
 import binascii
+import importlib.util
 import os
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,28 @@ def read_image_source(image, timeout: float | None = URL_TIMEOUT):
     raise TypeError(f"expected a PIL image, an image path or URL, got {type(image).__name__}")
 
 
+EXPORT_FOLDERS = {"onnxruntime": ("onnx", "model.onnx"), "openvino": ("openvino", "model.xml")}
+
+
+def load_exported_runtime(name_or_path: str, engine: str):
+    """The `PadimRuntime` of the export in `onnx/` or `openvino/` of a model directory or Hub repo (written by
+    `padim-hf export` / `padim-hf push --export`), imported from the export's own `padim_runtime.py`."""
+    if engine not in EXPORT_FOLDERS:
+        raise ValueError(f"unknown engine {engine!r}: choose torch, onnxruntime or openvino")
+    subfolder, marker = EXPORT_FOLDERS[engine]
+    folder = Path(name_or_path) / subfolder
+    if not Path(name_or_path).is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(name_or_path), allow_patterns=[f"{subfolder}/*"])) / subfolder
+    if not (folder / marker).is_file():
+        raise FileNotFoundError(f"{name_or_path} has no {subfolder}/{marker}: export it first (padim-hf export)")
+    spec = importlib.util.spec_from_file_location(f"padim_runtime_{engine}", folder / "padim_runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PadimRuntime(folder, engine)
+
+
 def normalized_score(score: float, config) -> float | None:
     """`score` in [0, 1] with the calibrated image threshold at 0.5 (padim_hf.postprocess.normalized_score; repeated
     here because this file cannot import padim_hf), or None when the model has not been evaluated."""
@@ -64,6 +88,9 @@ class AnomalyDetectionPipeline(Pipeline):
 
     Inputs: a PIL image, a local path or URL, or a list of them (then a list of dicts comes back). URLs are fetched
     with a timeout (`timeout=` seconds, default `URL_TIMEOUT`).
+
+    `engine="onnxruntime"` or `"openvino"` (a pipeline argument) runs the model's export in `onnx/` / `openvino/`
+    instead of the PyTorch model; pre- and post-processing are the same.
     """
 
     _load_processor = False
@@ -72,8 +99,12 @@ class AnomalyDetectionPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, image_threshold=None, pixel_threshold=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, image_threshold=None, pixel_threshold=None, timeout=None, engine=None, **kwargs):
         # Thresholds default to the model's calibrated ones; callers may override them per call.
+        if engine is not None and engine != "torch":
+            self.runtime = load_exported_runtime(self.model.name_or_path, engine)
+        elif engine == "torch":
+            self.runtime = None
         preprocess = {} if timeout is None else {"timeout": float(timeout)}
         postprocess = {}
         if image_threshold is not None:
@@ -94,6 +125,10 @@ class AnomalyDetectionPipeline(Pipeline):
 
     def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
         target_size = model_inputs.pop("target_size")
+        if getattr(self, "runtime", None) is not None:
+            outputs = self.runtime.run(model_inputs["pixel_values"].cpu().numpy())
+            anomaly_map, pred_score = torch.from_numpy(outputs["anomaly_map"]), torch.from_numpy(outputs["pred_score"])
+            return {"anomaly_map": anomaly_map, "pred_score": pred_score, "target_size": target_size}
         outputs = self.model(pixel_values=model_inputs["pixel_values"])
         return {"anomaly_map": outputs.anomaly_map, "pred_score": outputs.pred_score, "target_size": target_size}
 

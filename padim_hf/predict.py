@@ -3,7 +3,9 @@
 import argparse
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader
@@ -13,6 +15,42 @@ from .data import Collator, image_list
 from .evaluate import load_fitted
 from .files import InterruptedAfterWriting, check_new_files
 from .postprocess import normalized_score, overlay_heatmap
+
+ENGINES = ("torch", "onnxruntime", "openvino")
+
+
+def load_engine(model: str, engine: str = "torch", cpu: bool = False) -> tuple[Callable, object, object]:
+    """(score, processor, config) for a model: `score(pixel_values)` returns (anomaly maps (B, 1, S, S), scores (B,))
+    as CPU tensors; `config` carries the thresholds and score range.
+
+    engine "torch" loads the checkpoint (`model`: directory or Hub repo id); "onnxruntime" and "openvino" run an
+    export: `model` is an export folder, or a model directory / Hub repo holding one in `onnx/` or `openvino/`.
+    """
+    if engine == "torch":
+        fitted, processor = load_fitted(model, cpu)
+        device = fitted.gaussian.mean.device
+
+        def score(pixel_values: torch.Tensor):
+            output = fitted(pixel_values.to(device))
+            return output.anomaly_map.cpu(), output.pred_score.cpu()
+
+        return score, processor, fitted.config
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    from .export import resolve_export_folder
+    from .image_processing_padim import PadimImageProcessor
+    from .runtime import PadimRuntime
+
+    folder = resolve_export_folder(model, engine)
+    runtime = PadimRuntime(folder, engine)
+
+    def score(pixel_values: torch.Tensor):
+        outputs = runtime.run(pixel_values.numpy())
+        return torch.from_numpy(outputs["anomaly_map"]), torch.from_numpy(outputs["pred_score"])
+
+    keys = ("image_threshold", "pixel_threshold", "score_min", "score_max")
+    config = SimpleNamespace(**{key: runtime.config[key] for key in keys})
+    return score, PadimImageProcessor.from_pretrained(folder), config
 
 
 def output_names(paths: list[str]) -> list[str]:
@@ -34,20 +72,20 @@ def predict(args: argparse.Namespace) -> list[dict]:
 
     Refuses (FileExistsError, before any work) when any of those files exists already, an input image among them:
     predict only ever creates new files. An interruption raises `InterruptedAfterWriting` naming what was written.
+    `args.engine` (torch, onnxruntime, openvino) picks what scores the images (see `load_engine`).
     """
     dataset = image_list(args.inputs)
     names = output_names(dataset["path"])
     check_new_files(output_paths(args.output_dir, names), "predict's")
-    model, processor = load_fitted(args.model, args.cpu)
+    score_batch, processor, config = load_engine(args.model, getattr(args, "engine", "torch"), args.cpu)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    config = model.config
     rows = []
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=Collator(processor, with_images=True))
     try:
         for batch in tqdm(loader, unit="batch", desc="predict"):
-            output = model(batch["pixel_values"].to(model.gaussian.mean.device))
-            maps = processor.post_process_anomaly_maps(output.anomaly_map.cpu(), batch["sizes"])
-            for path, image, anomaly_map, score in zip(batch["paths"], batch["images"], maps, output.pred_score.cpu().tolist()):
+            anomaly_maps, scores = score_batch(batch["pixel_values"])
+            maps = processor.post_process_anomaly_maps(anomaly_maps, batch["sizes"])
+            for path, image, anomaly_map, score in zip(batch["paths"], batch["images"], maps, scores.tolist()):
                 # Colour scale: the calibrated score range when known, else this map's own range.
                 vmin = config.score_min if config.score_min is not None else float(anomaly_map.min())
                 vmax = config.score_max if config.score_max is not None else float(anomaly_map.max())
@@ -83,6 +121,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
+                        help="torch: the checkpoint; onnxruntime/openvino: an export (see padim-hf export)")
 
 
 def main(argv: list[str] | None = None) -> None:

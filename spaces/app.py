@@ -3,8 +3,11 @@
 The model is loaded with `AutoModel` / `AutoImageProcessor` and `trust_remote_code=True`, so the Space needs only
 the model repository (its code files travel with it), not the `padim_hf` package. Which model: the env variable
 `PADIM_MODEL` (a Hub repo id or a local directory); run from a checkout, the default is `padim-demo/model`, which
-`padim-hf demo` writes.
+`padim-hf demo` writes. `PADIM_ENGINE=onnxruntime` or `openvino` runs the model's export (`onnx/` or `openvino/` in
+the repo, see `padim-hf push --export`) instead of the PyTorch model.
 """
+
+import importlib.util
 
 import logging
 import math
@@ -23,12 +26,14 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 logger = logging.getLogger(__name__)
 
 MODEL_ENV = "PADIM_MODEL"
 REVISION_ENV = "PADIM_REVISION"  # a commit hash of the model repo: the remote code that runs is then fixed
+ENGINE_ENV = "PADIM_ENGINE"
+EXPORT_FOLDERS = {"onnxruntime": ("onnx", "model.onnx"), "openvino": ("openvino", "model.xml")}
 SPACE_DIR = Path(__file__).resolve().parent
 DEFAULT_LOCAL_MODEL = SPACE_DIR.parent / "padim-demo" / "model"
 EXAMPLES_DIR = SPACE_DIR / "examples"
@@ -60,17 +65,44 @@ class Analysis(NamedTuple):
     verdict: str
 
 
+def load_runtime(source: str, engine: str, revision: str | None = None):
+    """The exported model's `PadimRuntime` (from its own `padim_runtime.py`) in `onnx/` or `openvino/` of `source`."""
+    if engine not in EXPORT_FOLDERS:
+        raise ValueError(f"{ENGINE_ENV}={engine!r}: choose torch, onnxruntime or openvino")
+    subfolder, marker = EXPORT_FOLDERS[engine]
+    folder = Path(source) / subfolder
+    if not Path(source).is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source, revision=revision, allow_patterns=[f"{subfolder}/*"])) / subfolder
+    if not (folder / marker).is_file():
+        raise FileNotFoundError(f"{source} has no {subfolder}/{marker}: push it with `padim-hf push --export {subfolder}`")
+    spec = importlib.util.spec_from_file_location("padim_runtime", folder / "padim_runtime.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PadimRuntime(folder, engine)
+
+
 @dataclass
 class Detector:
-    """A loaded PaDiM model with its image processor."""
+    """A loaded PaDiM model with its image processor; `runtime` runs an exported model instead of `model`."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     processor: Any
     source: str
+    runtime: Any = None
+    model_config: Any = None
 
     @classmethod
-    def load(cls, source: str | Path, revision: str | None = None) -> "Detector":
+    def load(cls, source: str | Path, revision: str | None = None, engine: str = "torch") -> "Detector":
         # trust_remote_code runs the repository's code: `revision` (PADIM_REVISION, a commit hash) pins what runs.
+        if engine != "torch":
+            config = AutoConfig.from_pretrained(str(source), trust_remote_code=True, revision=revision)
+            if getattr(config, "model_type", None) != "padim":
+                raise ValueError(f"{source} is a {config.model_type!r} model, not a PaDiM model")
+            processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=True, revision=revision)
+            runtime = load_runtime(str(source), engine, revision)
+            return cls(model=None, processor=processor, source=str(source), runtime=runtime, model_config=config)
         model = AutoModel.from_pretrained(str(source), trust_remote_code=True, revision=revision).eval()
         if torch.cuda.is_available():  # GPU Space hardware
             model = model.to("cuda")
@@ -87,7 +119,7 @@ class Detector:
 
     @property
     def config(self):
-        return self.model.config
+        return self.model_config if self.model is None else self.model.config
 
     def predict(self, image: PIL.Image.Image) -> tuple[np.ndarray, float]:
         """(H, W) float32 anomaly map of an RGB image at the image's size, and the model's image score.
@@ -96,6 +128,11 @@ class Detector:
         calibrated on; the maximum of the resized map can be slightly lower.
         """
         inputs = self.processor(images=[image], return_tensors="pt")
+        sizes = [(image.height, image.width)]
+        if self.runtime is not None:
+            outputs = self.runtime.run(inputs["pixel_values"].numpy())
+            (anomaly_map,) = self.processor.post_process_anomaly_maps(torch.from_numpy(outputs["anomaly_map"]), sizes)
+            return anomaly_map.float().numpy(), float(outputs["pred_score"][0])
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             outputs = self.model(pixel_values=inputs["pixel_values"].to(device))
@@ -329,8 +366,11 @@ def model_card_markdown(detector: Detector) -> str:
         )
     metrics = evaluation_metrics(config.metrics)
     if metrics:
-        dataset = dataset_description((config.metrics or {}).get("dataset"))
-        lines.append(f"\n**Evaluation**{f' on {dataset}' if dataset else ''}\n")
+        recorded = config.metrics or {}
+        dataset = dataset_description(recorded.get("dataset"))
+        count = f", {recorded['num_images']} images" if isinstance(recorded.get("num_images"), int) else ""
+        protocol = f", {recorded['protocol']} protocol" if isinstance(recorded.get("protocol"), str) else ""
+        lines.append(f"\n**Evaluation**{f' on {dataset}' if dataset else ''}{count}{protocol}\n")
         lines.append("| metric | value |\n|---|---|")
         lines.extend(f"| {key.replace('_', ' ')} | {value:.3f} |" for key, value in metrics.items())
     else:
@@ -339,12 +379,9 @@ def model_card_markdown(detector: Detector) -> str:
 
 
 def evaluation_metrics(metrics: dict | None) -> dict[str, float]:
-    """The scores in `config.metrics` (AUROC, AUPRO, F1...), without counts such as `num_images` or nested data."""
-    return {
-        key: float(value)
-        for key, value in (metrics or {}).items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("num_")
-    }
+    """The scores in `config.metrics` (AUROC, AUPRO, F1: floats), without what evaluate records beside them: counts
+    (`num_images`, `calibration_images_excluded`: integers), the protocol name and the dataset."""
+    return {key: value for key, value in (metrics or {}).items() if isinstance(value, float)}
 
 
 def dataset_description(dataset) -> str:
@@ -470,7 +507,11 @@ def model_revision() -> str | None:
     return os.environ.get(REVISION_ENV) or None
 
 
-def load_detector(source: str, revision: str | None = None) -> tuple[Detector | None, str]:
+def model_engine() -> str:
+    return os.environ.get(ENGINE_ENV) or "torch"
+
+
+def load_detector(source: str, revision: str | None = None, engine: str | None = None) -> tuple[Detector | None, str]:
     """The detector at `source`, or None and a message saying what went wrong and how to get a model."""
     if source == str(DEFAULT_LOCAL_MODEL) and not DEFAULT_LOCAL_MODEL.exists():
         if os.environ.get("SPACE_ID"):  # running on Hugging Face: the fix is a Space setting, not a local command
@@ -479,7 +520,7 @@ def load_detector(source: str, revision: str | None = None) -> tuple[Detector | 
             )
         return None, f"No model at `{DEFAULT_LOCAL_MODEL}`. {HOW_TO_MAKE_A_MODEL}"
     try:
-        return Detector.load(source, revision), ""
+        return Detector.load(source, revision, engine or model_engine()), ""
     except Exception as error:  # any loading failure is reported in the UI, the app still starts
         logger.exception("could not load %s", source)
         return None, f"Could not load the model `{source}`: {type(error).__name__}: {error}\n\n{HOW_TO_MAKE_A_MODEL}"

@@ -449,3 +449,29 @@ def test_cli_push_configured_by_environment(fitted, hub_env, tmp_path):
     assert failed.returncode == 1
     assert "padim-hf push: error: push of" in failed.stderr and "run the same push again" in failed.stderr
     assert "notes.txt" not in repo.commits[repo.branches["rc1"]]
+
+
+def test_push_with_exports_in_the_same_commit_then_predict_from_the_repo(fitted, images, hub_env, tmp_path):
+    from padim_hf.predict import load_engine
+
+    model, directory = fitted
+    before = directory_digest(directory)
+    push_model(directory, "acme/padim-exported", export=["onnx", "openvino"])
+
+    repo = hub_env.state.repos["acme/padim-exported"]
+    assert len(repo.history) == 2  # the repo's initial commit, then model and exports in one commit
+    files = set(repo.commits[repo.branches["main"]])
+    assert {"model.safetensors", "onnx/model.onnx", "onnx/padim_export.json", "onnx/padim_runtime.py",
+            "openvino/model.xml", "openvino/model.bin", "openvino/padim_export.json"} <= files
+    assert directory_digest(directory) == before  # exported to a temporary folder, not into the model directory
+    card = ModelCard.load("acme/padim-exported")
+    assert "## Run without PyTorch" in card.text and "from padim_runtime import PadimRuntime" in card.text
+
+    pixel_values = PadimImageProcessor.from_padim_config(model.config)(images["test"], return_tensors="pt")["pixel_values"]
+    reference = model(pixel_values)
+    for engine in ("onnxruntime", "openvino"):
+        score, _, config = load_engine("acme/padim-exported", engine)  # downloads onnx/ or openvino/ only
+        maps, scores = score(pixel_values)
+        assert config.image_threshold == 3.0
+        torch.testing.assert_close(maps, reference.anomaly_map, rtol=1e-4, atol=1e-4 * float(reference.anomaly_map.max()))
+        torch.testing.assert_close(scores, reference.pred_score, rtol=1e-4, atol=0)

@@ -8,6 +8,7 @@ its thresholds calibrated on held-out synthetic images, saved with its remote co
 import importlib.util
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,12 +95,16 @@ def calibrate(model: PadimModel) -> None:
     model.config.image_threshold = (highest_good + lowest_bad) / 2
     model.config.pixel_threshold = (highest_good + lowest_bad) / 2
     model.config.train_dataset = "synthetic fabric (spaces/synthetic.py)"
-    # The shape `padim-hf evaluate` writes: scores, the dataset as {name, config, split}, and the image count.
+    # The shape `padim-hf evaluate` writes (evaluate.record_evaluation): scores, the dataset as {name, config,
+    # split}, the image count, the protocol and how many calibration images were left out.
     model.config.metrics = {
         "image_auroc": 1.0,
-        "pixel_auroc": pixel_auroc,
+        "pixel_auroc": float(pixel_auroc),
+        "pixel_aupro": None,
         "dataset": {"name": "synthetic-fabric", "config": None, "split": "held_out"},
         "num_images": len(good) + len(bad),
+        "protocol": "model",
+        "calibration_images_excluded": 0,
     }
 
 
@@ -305,8 +310,9 @@ def test_model_panel_lists_backbone_training_set_and_metrics(app):
     assert "synthetic fabric (spaces/synthetic.py) (8 defect-free images)" in text
     pixel_auroc = app.DETECTOR.config.metrics["pixel_auroc"]
     assert "| image auroc | 1.000 |" in text and f"| pixel auroc | {pixel_auroc:.3f} |" in text
-    assert "on `synthetic-fabric` (held_out split)" in text
-    assert "num" not in text and "{" not in text  # no image count among the metrics, no Python dict repr
+    assert "on `synthetic-fabric` (held_out split), 10 images, model protocol" in text
+    assert "| num" not in text and "calibration images" not in text and "{" not in text  # no counts as metrics, no dict repr
+    assert "pixel aupro" not in text  # undefined metrics (None) are not listed
     assert f"image {app.DETECTOR.thresholds().image:.2f}" in text
 
 
@@ -611,3 +617,22 @@ def test_padim_revision_pins_the_model_commit(app, model_dir, hub_env, monkeypat
     monkeypatch.delenv("PADIM_REVISION")
     latest, message = app.load_detector(app.model_source(), app.model_revision())
     assert latest.config.image_threshold == 123.0
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_space_runs_the_exported_model(app, model_dir, engine, tmp_path):
+    from padim_hf.export import export
+
+    exported = tmp_path / "model"
+    shutil.copytree(model_dir, exported)
+    export(exported, exported / ("onnx" if engine == "onnxruntime" else "openvino"), "onnx" if engine == "onnxruntime" else "openvino")
+    torch_detector = app.Detector.load(exported)
+    detector, message = app.load_detector(str(exported), engine=engine)
+    assert message == "" and detector.model is None and detector.runtime.engine == engine
+    assert detector.config.image_threshold == torch_detector.config.image_threshold
+    image = PIL.Image.fromarray(defect_image("scratch")[0])
+    anomaly_map, score = detector.predict(image)
+    expected_map, expected_score = torch_detector.predict(image)
+    assert anomaly_map.shape == expected_map.shape == (image.height, image.width)
+    assert abs(score - expected_score) <= 1e-4 * expected_score
+    assert np.abs(anomaly_map - expected_map).max() <= 1e-4 * np.abs(expected_map).max()

@@ -1,0 +1,165 @@
+"""Run an exported PaDiM model with ONNX Runtime or OpenVINO: numpy, Pillow and the runtime, no PyTorch.
+
+This file is copied into every export folder as `padim_runtime.py` (it must not import padim_hf or torch), so a
+factory PC needs only `pip install numpy pillow onnxruntime` (or `openvino`):
+
+    from padim_runtime import PadimRuntime
+    detector = PadimRuntime("path/to/export")          # the folder holding padim_export.json
+    result = detector.predict("part.png")[0]           # score, normalized_score, label, anomaly_map, mask
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+EXPORT_CONFIG = "padim_export.json"
+ENGINES = ("onnxruntime", "openvino")
+# OpenVINO's CPU plugin runs float32 graphs in bfloat16 on CPUs that have it unless told otherwise; bfloat16 moves
+# PaDiM distances by whole units (measured: 2.5x the map's maximum), so precision is pinned to float32.
+OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit RGB: EXIF orientation applied, 16-bit scaled to 8 bits, alpha composited on white (as padim_hf does)."""
+    image = PIL.ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        scaled = np.asarray(image, dtype=np.float64) / 65535.0 * 255.0
+        image = PIL.Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = PIL.Image.fromarray(np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
+def open_image(image) -> PIL.Image.Image:
+    """A decoded PIL image from a PIL image or a file path; unreadable files raise an error naming them."""
+    if isinstance(image, PIL.Image.Image):
+        return image
+    try:
+        with PIL.Image.open(image) as opened:
+            opened.load()
+            return opened
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image {image}: {error}") from error
+
+
+class PadimRuntime:
+    """An exported PaDiM model (ONNX or OpenVINO folder) with the pre- and post-processing of `padim_export.json`.
+
+    `engine` defaults to what the folder holds (OpenVINO IR when both are present); `device` is an OpenVINO device
+    ("CPU", "GPU") or, for ONNX Runtime, a list of execution providers (default: CPU).
+    """
+
+    def __init__(self, folder: str | Path, engine: str | None = None, device=None):
+        self.folder = Path(folder)
+        config_path = self.folder / EXPORT_CONFIG
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: not a padim_hf export folder (padim-hf export writes one)")
+        self.config = json.loads(config_path.read_text())
+        if engine is None:
+            engine = "openvino" if (self.folder / "model.xml").is_file() else "onnxruntime"
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        self.engine = engine
+        self.output_names = list(self.config["outputs"])
+        if engine == "onnxruntime":
+            import onnxruntime
+
+            path = self._require("model.onnx")
+            self._session = onnxruntime.InferenceSession(str(path), providers=device or ["CPUExecutionProvider"])
+        else:
+            import openvino
+
+            path = self._require("model.xml")
+            self._compiled = openvino.Core().compile_model(str(path), device or "CPU", OPENVINO_CONFIG)
+            self._request = self._compiled.create_infer_request()
+
+    def _require(self, name: str) -> Path:
+        path = self.folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: export the model with --format "
+                                    f"{'onnx' if name.endswith('.onnx') else 'openvino'} first")
+        return path
+
+    @property
+    def input_size(self) -> int:
+        return int(self.config["inputs"]["pixel_values"][-1])
+
+    def preprocess(self, images: list) -> np.ndarray:
+        """(B, 3, S, S) float32 pixel values: RGB, bicubic resize, optional centre crop, rescale, normalise."""
+        settings = self.config["preprocessing"]
+        height, width = settings["resize"]
+        batch = []
+        for image in images:
+            resized = to_rgb(open_image(image)).resize((width, height), PIL.Image.Resampling.BICUBIC)
+            pixels = np.asarray(resized, dtype=np.float32) * np.float32(settings["rescale_factor"])
+            if settings["center_crop"] is not None:
+                crop_h, crop_w = settings["center_crop"]
+                top, left = (height - crop_h) // 2, (width - crop_w) // 2
+                pixels = pixels[top : top + crop_h, left : left + crop_w]
+            pixels = (pixels - np.float32(settings["image_mean"])) / np.float32(settings["image_std"])
+            batch.append(pixels.transpose(2, 0, 1))
+        return np.ascontiguousarray(np.stack(batch), dtype=np.float32)
+
+    def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's outputs (anomaly_map (B, 1, S, S), pred_score (B,), ...) for preprocessed pixel values."""
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if self.engine == "onnxruntime":
+            values = self._session.run(self.output_names, {"pixel_values": pixel_values})
+            return dict(zip(self.output_names, values))
+        results = self._request.infer({"pixel_values": pixel_values})
+        return {name: np.asarray(results[self._compiled.output(name)]) for name in self.output_names}
+
+    def anomaly_map_at(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """A model-resolution map (S, S) at an image's (height, width): the cropped-away margin takes the border
+        values, then bilinear resize (padim_hf's `post_process_anomaly_maps`)."""
+        settings = self.config["preprocessing"]
+        if settings["center_crop"] is not None:
+            full_h, full_w = settings["resize"]
+            crop_h, crop_w = anomaly_map.shape
+            top, left = (full_h - crop_h) // 2, (full_w - crop_w) // 2
+            anomaly_map = np.pad(anomaly_map, ((top, full_h - crop_h - top), (left, full_w - crop_w - left)), mode="edge")
+        resized = PIL.Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize(
+            (size[1], size[0]), PIL.Image.Resampling.BILINEAR
+        )
+        return np.asarray(resized, dtype=np.float32)
+
+    def predict(self, images, image_threshold: float | None = None, pixel_threshold: float | None = None) -> list[dict]:
+        """Per image: `score`, `normalized_score` (None before evaluation), `label` (None without a threshold),
+        `anomaly_map` at the image's size and `mask` (None without a pixel threshold). Thresholds default to the
+        calibrated ones."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        images = [open_image(image) for image in images]
+        outputs = self.run(self.preprocess(images))
+        config = self.config
+        image_threshold = config["image_threshold"] if image_threshold is None else image_threshold
+        pixel_threshold = config["pixel_threshold"] if pixel_threshold is None else pixel_threshold
+        results = []
+        for index, image in enumerate(images):
+            score = float(outputs["pred_score"][index])
+            anomaly_map = self.anomaly_map_at(outputs["anomaly_map"][index, 0], (image.height, image.width))
+            results.append({
+                "score": score,
+                "normalized_score": normalized_score(score, config),
+                "label": None if image_threshold is None else bool(score >= image_threshold),
+                "anomaly_map": anomaly_map,
+                "mask": None if pixel_threshold is None else anomaly_map >= pixel_threshold,
+            })
+        return results
+
+
+def normalized_score(score: float, config: dict) -> float | None:
+    """`score` in [0, 1] with the image threshold at 0.5 (padim_hf.postprocess.normalized_score), or None."""
+    threshold, low, high = config.get("image_threshold"), config.get("score_min"), config.get("score_max")
+    if None in (threshold, low, high):
+        return None
+    return float(min(max((score - threshold) / max(high - low, 1e-12) + 0.5, 0.0), 1.0))
+
+
+__all__ = ["PadimRuntime", "normalized_score"]
