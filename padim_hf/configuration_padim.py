@@ -7,6 +7,8 @@ import timm
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .files import without_local_paths
+
 
 def backbone_stage_channels(backbone: str) -> list[int]:
     """Channel count of every feature stage timm exposes for `backbone` (built on the meta device: no weights)."""
@@ -144,6 +146,11 @@ class PadimConfig(PreTrainedConfig):
         # Written whatever writes config.json (save_pretrained, or evaluate rewriting the config in place), but never
         # an attribute of the installed package's config (see __post_init__).
         output["custom_pipelines"] = copy.deepcopy(CUSTOM_PIPELINES)
+        # config.json is published with the model: where the data came from is stored as a Hub id or folder name,
+        # never an absolute local path (user and customer names), whoever set it (fit, demo, benchmark, a script).
+        for key in ("train_dataset", "metrics", "calibration"):
+            if output.get(key) is not None:
+                output[key] = without_local_paths({key: output[key]})[key]
         return output
 
     @property

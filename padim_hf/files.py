@@ -39,7 +39,6 @@ MODEL_FILE_PATTERNS = (
 # Code files for trust_remote_code: save_pretrained copies modules of this package; a user's own script is not one.
 CODE_FILES = frozenset(path.name for path in Path(__file__).parent.glob("*.py") if path.name != "__init__.py")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
 
 
@@ -194,17 +193,19 @@ class InterruptedAfterWriting(KeyboardInterrupt):
 
 
 def dataset_reference(source: str | os.PathLike | None) -> str | None:
-    """What a model records about its data: a Hub dataset id as it is, a local folder as its name only (an absolute
-    path carries user and customer names and must not be published)."""
+    """What a model records about its data: a Hub dataset id (or any text that is not a local path) as it is, a
+    local folder as its name only: an absolute path carries user and customer names and must not be published."""
     if source is None:
         return None
-    text = str(source)
+    text = os.fspath(source)
     if WINDOWS_PATH.match(text):
         return PureWindowsPath(text).name or text
-    path = Path(text).expanduser()
-    if HUB_ID.match(text) and not path.exists() and ".." not in text:
-        return text
-    return path.resolve().name or text.strip("/\\") or "."
+    if is_absolute_path(text):
+        return Path(text).expanduser().name or text
+    path = Path(text)
+    if ".." in path.parts or (path.exists() and len(path.parts) > 1):  # a local folder given relatively
+        return path.resolve().name or text
+    return text
 
 
 def without_local_paths(value):

@@ -366,8 +366,11 @@ def model_card_markdown(detector: Detector) -> str:
         )
     metrics = evaluation_metrics(config.metrics)
     if metrics:
-        dataset = dataset_description((config.metrics or {}).get("dataset"))
-        lines.append(f"\n**Evaluation**{f' on {dataset}' if dataset else ''}\n")
+        recorded = config.metrics or {}
+        dataset = dataset_description(recorded.get("dataset"))
+        count = f", {recorded['num_images']} images" if isinstance(recorded.get("num_images"), int) else ""
+        protocol = f", {recorded['protocol']} protocol" if isinstance(recorded.get("protocol"), str) else ""
+        lines.append(f"\n**Evaluation**{f' on {dataset}' if dataset else ''}{count}{protocol}\n")
         lines.append("| metric | value |\n|---|---|")
         lines.extend(f"| {key.replace('_', ' ')} | {value:.3f} |" for key, value in metrics.items())
     else:
@@ -376,12 +379,9 @@ def model_card_markdown(detector: Detector) -> str:
 
 
 def evaluation_metrics(metrics: dict | None) -> dict[str, float]:
-    """The scores in `config.metrics` (AUROC, AUPRO, F1...), without counts such as `num_images` or nested data."""
-    return {
-        key: float(value)
-        for key, value in (metrics or {}).items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("num_")
-    }
+    """The scores in `config.metrics` (AUROC, AUPRO, F1: floats), without what evaluate records beside them: counts
+    (`num_images`, `calibration_images_excluded`: integers), the protocol name and the dataset."""
+    return {key: value for key, value in (metrics or {}).items() if isinstance(value, float)}
 
 
 def dataset_description(dataset) -> str:

@@ -10,7 +10,9 @@ fitted, so the test can assert the processes it actually got and how the images 
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+
 
 from padim_hf.fit import build_model, fit_padim, make_accelerator, save_fitted, training_split
 
@@ -48,12 +50,16 @@ def run(spec: dict) -> None:
         log.lines.clear()
         accelerator = make_accelerator()  # no cpu=True: several processes on CPUs must cooperate anyway
         model = build_model(spec["config"], backbone_weights=spec["weights"])
+        if job.get("slow_main_seconds"):  # the main process's factorisation (a WR50 one, a push) takes a while
+            finalise = model.set_gaussian
+            model.set_gaussian = lambda *a, **k: (time.sleep(job["slow_main_seconds"]), finalise(*a, **k))[1]
         model = fit_padim(model, data_of(job), batch_size=2, accelerator=accelerator, progress=False)
         save_fitted(model, job["output"])
+        returned = time.time()
         (rank, world, distributed_type, device, images), = log.lines
         report = dict(
             rank=accelerator.process_index, world=accelerator.num_processes, logged_rank=rank, logged_world=world,
-            distributed_type=str(distributed_type), images=images,
+            distributed_type=str(distributed_type), images=images, returned=returned,
         )
         (report_dir / f"{job['name']}-rank{accelerator.process_index}.json").write_text(json.dumps(report))
 

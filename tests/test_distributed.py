@@ -106,8 +106,13 @@ def test_two_processes_uneven_shards_and_streamed_shards(data, tmp_path):
     jobs = [
         dict(name="folder", kind="folder", path=str(data["folder"])),
         dict(name="stream", kind="hub_stream", path=str(data["repo"])),  # 3 shards on 2 processes: split by example
+        # Last job (a later job's collectives would make the other process wait anyway): the main process takes
+        # 6 s longer to finalise, and the other process must not wait for it (no barrier after the reduction).
+        dict(name="slow_main", kind="folder", path=str(data["folder"]), slow_main_seconds=6),
     ]
     reports = launch(2, jobs, data, tmp_path)
+    main, other = reports["slow_main"]
+    assert other["returned"] < main["returned"] - 4, (main["returned"], other["returned"])
     assert images_per_rank(reports["folder"]) == [3, 2]
     assert images_per_rank(reports["stream"]) == [3, 2]
     for name in ("folder", "stream"):

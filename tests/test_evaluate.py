@@ -260,3 +260,14 @@ def test_paper_presets_pin_the_torchvision_weights_by_timm_tag():
     model = PadimModel(config)
     assert model.embed(torch.zeros(1, 3, 224, 224)).shape == (1, 100, 56, 56)
     assert config.stage_channels == [64, 128, 256] and list(config.image_mean) == [0.485, 0.456, 0.406]
+
+
+def test_pixel_metrics_need_a_mask_for_every_anomalous_image(demo_data, demo_model):
+    dataset = mvtec_split(demo_data, "test")
+    partly = dataset.map(lambda row: {"mask": None if row["defect_type"] == "stain" else row["mask"]}, features=dataset.features)
+    with pytest.raises(ValueError, match="anomalous images have no ground-truth mask .*stain/000.png"):
+        evaluate_padim(demo_model, partly, progress=False)
+    labels_only = dataset.map(lambda row: {"mask": None}, features=dataset.features)
+    result = evaluate_padim(demo_model, labels_only, progress=False)
+    assert result.metrics()["pixel_auroc"] is None and result.metrics()["pixel_aupro"] is None
+    assert result.image_auroc == pytest.approx(evaluate_padim(demo_model, dataset, progress=False).image_auroc)

@@ -134,3 +134,16 @@ def test_launched_processes_that_would_not_cooperate_stop_with_a_message(train_p
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="2 processes were launched but this Accelerator connects 1"):
         fit_padim(build_model("padim-lite0-offline", **SMALL), train_paths, accelerator=accelerator, progress=False)
+
+
+def test_accelerates_multi_cpu_device_is_read_as_the_plain_cpu():
+    # accelerate's MULTI_CPU device is "cpu:0"; model.to("cpu:0") copies every tensor (1.2 GB more peak per WR50 process).
+    from types import SimpleNamespace
+
+    from padim_hf.fit import model_device
+
+    assert model_device(SimpleNamespace(device=torch.device("cpu", 0))) == torch.device("cpu")
+    model = torch.nn.Linear(2, 2)
+    before = model.weight.data_ptr()
+    model.to(model_device(SimpleNamespace(device=torch.device("cpu", 0))))
+    assert model.weight.data_ptr() == before

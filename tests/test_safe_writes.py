@@ -249,11 +249,14 @@ def test_push_sends_the_allow_list_and_no_local_path(fitted_dir, hub_env, tmp_pa
     PIL.Image.new("RGB", (8, 8)).save(model / "data" / "customer-part.png")
     (model / ".env").write_text("HF_TOKEN=secret")
     (model / "calibrate_line3.py").write_text(f"DATA = '{tmp_path}/line-3'")  # a user's script is not model code
+    (model / "onnx").mkdir()  # an exported model is part of the model
+    (model / "onnx" / "model.onnx").write_bytes(b"exported graph")
     push_model(model, "tester/private-check")
     local = Path(snapshot_download("tester/private-check", local_dir=tmp_path / "download"))
     pushed = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
     assert "notes.txt" not in pushed and "data/customer-part.png" not in pushed and ".env" not in pushed
     assert "calibrate_line3.py" not in pushed
+    assert "onnx/model.onnx" in pushed
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "gallery.png"} <= set(pushed)
     assert {"modeling_padim.py", "pipeline_padim.py"} <= set(pushed)
     for name in pushed:

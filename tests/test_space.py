@@ -95,12 +95,16 @@ def calibrate(model: PadimModel) -> None:
     model.config.image_threshold = (highest_good + lowest_bad) / 2
     model.config.pixel_threshold = (highest_good + lowest_bad) / 2
     model.config.train_dataset = "synthetic fabric (spaces/synthetic.py)"
-    # The shape `padim-hf evaluate` writes: scores, the dataset as {name, config, split}, and the image count.
+    # The shape `padim-hf evaluate` writes (evaluate.record_evaluation): scores, the dataset as {name, config,
+    # split}, the image count, the protocol and how many calibration images were left out.
     model.config.metrics = {
         "image_auroc": 1.0,
-        "pixel_auroc": pixel_auroc,
+        "pixel_auroc": float(pixel_auroc),
+        "pixel_aupro": None,
         "dataset": {"name": "synthetic-fabric", "config": None, "split": "held_out"},
         "num_images": len(good) + len(bad),
+        "protocol": "model",
+        "calibration_images_excluded": 0,
     }
 
 
@@ -306,8 +310,9 @@ def test_model_panel_lists_backbone_training_set_and_metrics(app):
     assert "synthetic fabric (spaces/synthetic.py) (8 defect-free images)" in text
     pixel_auroc = app.DETECTOR.config.metrics["pixel_auroc"]
     assert "| image auroc | 1.000 |" in text and f"| pixel auroc | {pixel_auroc:.3f} |" in text
-    assert "on `synthetic-fabric` (held_out split)" in text
-    assert "num" not in text and "{" not in text  # no image count among the metrics, no Python dict repr
+    assert "on `synthetic-fabric` (held_out split), 10 images, model protocol" in text
+    assert "| num" not in text and "calibration images" not in text and "{" not in text  # no counts as metrics, no dict repr
+    assert "pixel aupro" not in text  # undefined metrics (None) are not listed
     assert f"image {app.DETECTOR.thresholds().image:.2f}" in text
 
 
