@@ -181,6 +181,10 @@ def load_engine(engine: str, config_name: str, workdir: Path):
     if engine.startswith("anomalib-openvino"):
         from anomalib.deploy import OpenVINOInferencer
 
+        # The inferencer writes an OpenVINO model cache to ./openvino_cache (3.9 GB for WR50): keep it in the scratch
+        # folder, never in the checkout.
+        os.chdir(workdir)
+
         xml = workdir / "anomalib_export" / "weights" / "openvino" / "model.xml"
         if not xml.is_file():
             raise FileNotFoundError(f"anomalib's export is missing ({xml})")
