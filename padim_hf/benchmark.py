@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import is_mvtec_folder, load_split
 from .evaluate import PROTOCOLS, evaluate_padim, record_evaluation
-from .fit import CONFIG_FIELDS, build_model, fit_padim, make_accelerator, save_fitted, training_split
+from .fit import CONFIG_FIELDS, add_config_override_arguments, build_model, fit_padim, make_accelerator, save_fitted, training_split
 
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max", "fit_seconds", "images_per_second")
 HEADERS = {
@@ -237,10 +237,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone-weights", help="'hub', 'lite0-offline' or a .safetensors file (default: the preset's)")
     parser.add_argument("--allow-random-backbone", action="store_true")
     parser.add_argument("--cpu", action="store_true")
-    for name in CONFIG_FIELDS:
-        kind = {"layers": int, "n_features": int, "seed": int, "image_size": int, "crop_size": int,
-                "epsilon": float, "blur_sigma": float}.get(name, str)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+" if name == "layers" else None)
+    add_config_override_arguments(parser)
     parser.add_argument("--push-to-hub", metavar="ORG", help="push each model as ORG/padim-<preset>-<category>")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")

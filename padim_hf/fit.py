@@ -429,6 +429,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unreadable", action="store_true", help="drop (and list) unreadable images instead of failing")
 
 
+def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset."""
+    kinds = {"layers": int, "n_features": int, "seed": int, "image_size": int, "crop_size": int, "epsilon": float, "blur_sigma": float}
+    for field in CONFIG_FIELDS:
+        parser.add_argument(f"--{field.replace('_', '-')}", type=kinds.get(field, str), nargs="+" if field == "layers" else None)
+
+
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
     parser.add_argument("--output-dir", required=True, type=Path, help="model directory to write")
@@ -443,10 +450,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-random-backbone", action="store_true", help="fit on random backbone weights")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="backbone autocast")
-    for field in CONFIG_FIELDS:
-        kind = {"layers": int, "n_features": int, "seed": int, "image_size": int, "crop_size": int,
-                "epsilon": float, "blur_sigma": float}.get(field, str)
-        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, nargs="+" if field == "layers" else None)
+    add_config_override_arguments(parser)
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="push the fitted model to this Hub repo")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", help="branch to push to")
