@@ -3,7 +3,10 @@
 import io
 import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -181,46 +184,68 @@ def test_tampered_model_directory_is_refused_naming_the_problem(case, saved_mode
     assert pytest.importorskip("re").search(message, str(error.value)), str(error.value)
 
 
-def reads_are_denied(path: Path) -> bool:
-    """Whether chmod 000 denies this process reading `path` (it does not for root, nor on some filesystems)."""
-    try:
-        list(path.iterdir()) if path.is_dir() else path.read_bytes()
-    except PermissionError:
-        return True
-    return False
+def without_file_permission_override() -> list[str]:
+    """A command prefix under which chmod 000 really denies reads.
+
+    Root reads anything (CAP_DAC_OVERRIDE), and CI runs as root: there the command runs with those capabilities
+    dropped (util-linux `setpriv`), so the permission-denied path is exercised, not assumed.
+    """
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.fail("running as root without util-linux's setpriv: cannot drop CAP_DAC_OVERRIDE to test denied reads")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
 
 
-def test_unreadable_training_folder(tmp_path, capsys):
+def run_denied(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*without_file_permission_override(), sys.executable, *arguments],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_unreadable_training_folder_is_a_one_line_error_and_no_model(tmp_path, lite0_weights):
     good = tmp_path / "data" / "train" / "good"
     good.mkdir(parents=True)
     PIL.Image.new("RGB", (16, 16)).save(good / "000.png")
     good.chmod(0)
     try:
-        if reads_are_denied(good):
-            with pytest.raises(SystemExit):
-                cli(["fit", "--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "model"), "--cpu"])
-            error = capsys.readouterr().err
-            assert "Permission denied" in error and "good" in error and "Traceback" not in error
-            assert not (tmp_path / "model").exists()
-        else:  # running as root: the folder is readable, so the correct result is that its image is listed
-            assert [Path(p).name for p in mvtec_split(tmp_path / "data", "train")["path"]] == ["000.png"]
+        result = run_denied(
+            ["-m", "padim_hf.cli", "fit", "--data", "data", "--output-dir", "model", "--cpu",
+             "--backbone-weights", str(lite0_weights), "--n-features", "8", "--image-size", "32"],
+            cwd=tmp_path,
+        )
     finally:
         good.chmod(0o755)
+    assert result.returncode == 1, result.stderr
+    assert "Permission denied" in result.stderr and "good" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "model").exists()
 
 
-def test_unreadable_image_file(model_and_processor, tmp_path):
+def test_unreadable_image_file_is_an_error_naming_it(model_and_processor, saved_model, tmp_path):
     path = tmp_path / "locked.png"
     PIL.Image.new("RGB", (16, 16)).save(path)
     path.chmod(0)
+    script = (
+        "import sys\n"
+        "from padim_hf import PadimImageProcessor\n"
+        "from padim_hf.data import Collator, image_list\n"
+        f"collate = Collator(PadimImageProcessor.from_pretrained({str(saved_model)!r}))\n"
+        "try:\n"
+        "    collate(list(image_list(['locked.png'])))\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+        "    sys.exit(3)\n"
+    )
     try:
-        collate = Collator(model_and_processor[1])
-        if reads_are_denied(path):
-            with pytest.raises(ValueError, match="cannot read image .*locked.png.*Permission denied"):
-                collate(list(image_list([path])))
-        else:  # root reads it: the correct result is a normal batch
-            assert collate(list(image_list([path])))["pixel_values"].shape == (1, 3, 64, 64)
+        result = run_denied(["-c", script], cwd=tmp_path)
     finally:
         path.chmod(0o644)
+    assert result.returncode == 3, result.stderr
+    assert "cannot read image locked.png" in result.stdout and "Permission denied" in result.stdout, result.stdout
+    # Readable again, the same file decodes: the error was the permission, not the image.
+    assert Collator(model_and_processor[1])(list(image_list([path])))["pixel_values"].shape == (1, 3, 64, 64)
 
 
 def test_unfitted_model_directory_is_one_line_from_the_cli(tmp_path, capsys):
