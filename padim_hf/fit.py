@@ -386,12 +386,6 @@ def _reduce_in_place(tensor: torch.Tensor, wire: torch.device) -> None:
 # Saving
 
 
-def atomic_directory(target: Path, overwrite: bool):
-    """Yields a staging directory beside `target` that replaces it only if the block completes; `overwrite` replaces
-    only a PaDiM model directory or an empty one, crash-safely (`files.atomic_model_directory`)."""
-    return atomic_model_directory(target, overwrite)
-
-
 def is_main_process() -> bool:
     """Whether this is the process that writes files: global rank 0, or the only process."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -409,7 +403,7 @@ def save_fitted(model: PadimModel, output_dir: str | Path, overwrite: bool = Fal
         return output_dir
     if model.config.num_train_images == 0:
         raise ValueError("the model is not fitted: call fit_padim() first (on the main process of a distributed fit)")
-    with atomic_directory(output_dir, overwrite) as staging:
+    with atomic_model_directory(output_dir, overwrite) as staging:
         model.save_pretrained(staging)
     return output_dir
 

@@ -197,8 +197,6 @@ class PadimGaussian(nn.Module):
         distances = mahalanobis_distances(patches, self.mean.float(), self.whitening())
         return distances.transpose(0, 1).reshape(batch, height, width)
 
-    distances = forward
-
 
 def _add_packed_factor(module: PadimGaussian, state_dict: dict, prefix: str, local_metadata) -> None:
     if not module.hide_packed:

@@ -26,7 +26,10 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """8-bit RGB: EXIF orientation applied, 16-bit scaled to 8 bits, alpha composited on white (as padim_hf does)."""
     image = PIL.ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        scaled = np.asarray(image, dtype=np.float64) / 65535.0 * 255.0
+        values = np.asarray(image, dtype=np.float64)
+        # Declared 16-bit is scaled by 65535; 32-bit integers by their range (up to 255: 8-bit), as padim_hf does.
+        full_scale = 255.0 if image.mode == "I" and values.max(initial=0) <= 255 else 65535.0
+        scaled = values / full_scale * 255.0
         image = PIL.Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
     elif image.mode == "F":
         image = PIL.Image.fromarray(np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8))

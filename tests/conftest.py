@@ -1,4 +1,5 @@
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,16 @@ def require_shared(path: Path) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory) -> Iterator[Path]:
+    """The offline backbone file is exported into the session's temporary folder, never into the user's home
+    (set for the whole session so module fixtures and the processes tests start see it too)."""
+    cache = tmp_path_factory.getbasetemp() / "padim-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PADIM_HF_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")

@@ -15,10 +15,6 @@ from .test_hub import hub, hub_env  # noqa: F401  (the loopback Hub fixtures)
 OVERRIDES = {"image_size": 64, "n_features": 16}
 
 
-@pytest.fixture(autouse=True)
-def weights_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PADIM_HF_CACHE", str(tmp_path_factory.getbasetemp() / "padim-cache"))
-
 
 def test_benchmark_on_two_categories_writes_the_table_and_models_pushes_and_resumes(tmp_path, hub_env, monkeypatch, capsys):
     root = tmp_path / "root"

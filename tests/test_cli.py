@@ -13,15 +13,10 @@ from safetensors.torch import load_file
 
 from padim_hf.cli import main as cli
 from padim_hf.demo import make_demo_dataset
-from padim_hf.fit import atomic_directory
+from padim_hf.files import atomic_model_directory
 
 FAST_FIT = ["--config", "padim-lite0-offline", "--image-size", "64", "--n-features", "32", "--cpu", "--batch-size", "2"]
 
-
-@pytest.fixture(autouse=True)
-def weights_cache(tmp_path_factory, monkeypatch):
-    # The offline backbone file is exported once per test session, not into the user's home.
-    monkeypatch.setenv("PADIM_HF_CACHE", str(tmp_path_factory.getbasetemp() / "padim-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +137,7 @@ def test_mask_of_the_wrong_size_is_named(demo_data, tmp_path, capsys):
 def test_interrupted_write_leaves_neither_model_nor_partial_directory(tmp_path):
     target = tmp_path / "model"
     with pytest.raises(KeyboardInterrupt):
-        with atomic_directory(target, overwrite=False) as staging:
+        with atomic_model_directory(target, overwrite=False) as staging:
             (staging / "config.json").write_text("{}")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []

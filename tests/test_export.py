@@ -172,3 +172,17 @@ def test_pipeline_runs_the_export(hazelnut_export, engine):
         assert result["label"] == expected["label"]
         assert abs(result["score"] - expected["score"]) <= PARITY * expected["score"]
         assert relative_difference(result["anomaly_map"], expected["anomaly_map"]) <= PARITY
+
+
+@pytest.mark.parametrize("mode, values", [("I", [0, 128, 255]), ("I", [0, 30000, 65535]), ("I;16", [0, 100, 200]), ("RGBA", None)])
+def test_runtime_decodes_like_padim_hf(mode, values):
+    import PIL.Image
+
+    from padim_hf.image_processing_padim import to_rgb_uint8
+    from padim_hf.runtime import to_rgb
+
+    if values is None:
+        image = PIL.Image.new("RGBA", (3, 1), (200, 10, 60, 128))
+    else:
+        image = PIL.Image.fromarray(np.array([values], dtype=np.uint16 if mode == "I;16" else np.int32), mode=mode)
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), to_rgb_uint8(image))

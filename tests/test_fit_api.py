@@ -17,10 +17,6 @@ SMALL = dict(image_size=64, n_features=16, covariance_storage="float32")
 PROBE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def weights_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PADIM_HF_CACHE", str(tmp_path_factory.getbasetemp() / "padim-cache"))
-
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:

@@ -22,10 +22,6 @@ from .test_hub import hub, hub_env  # noqa: F401  (the loopback Hub fixtures)
 FAST_FIT = ["--config", "padim-lite0-offline", "--image-size", "64", "--n-features", "16", "--cpu", "--batch-size", "4"]
 
 
-@pytest.fixture(autouse=True)
-def weights_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PADIM_HF_CACHE", str(tmp_path_factory.getbasetemp() / "padim-cache"))
-
 
 def run_cli(*args) -> None:
     cli([str(a) for a in args])
@@ -40,10 +36,8 @@ def demo_data(tmp_path_factory) -> Path:
 def fitted_dir(demo_data, tmp_path_factory) -> Path:
     """A real model fitted by the CLI on a dataset given by its absolute path, then evaluated (metrics written)."""
     model = tmp_path_factory.mktemp("models") / "model"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PADIM_HF_CACHE", str(tmp_path_factory.getbasetemp() / "padim-cache"))
-        run_cli("fit", "--data", demo_data.resolve(), "--output-dir", model, *FAST_FIT)
-        run_cli("evaluate", "--model", model, "--data", demo_data.resolve(), "--cpu", "--batch-size", "4")
+    run_cli("fit", "--data", demo_data.resolve(), "--output-dir", model, *FAST_FIT)
+    run_cli("evaluate", "--model", model, "--data", demo_data.resolve(), "--cpu", "--batch-size", "4")
     return model
 
 
@@ -95,7 +89,7 @@ def test_overwrite_replaces_a_padim_model_and_an_empty_folder(tmp_path):
 
 CRASH = """
 import os, pathlib, sys
-from padim_hf.fit import atomic_directory
+from padim_hf.files import atomic_model_directory
 target = pathlib.Path(sys.argv[1])
 real_rename = pathlib.Path.rename
 def rename(self, destination):
@@ -103,7 +97,7 @@ def rename(self, destination):
         os._exit(3)  # the process dies just before the new model is renamed into place
     return real_rename(self, destination)
 pathlib.Path.rename = rename
-with atomic_directory(target, overwrite=True) as staging:
+with atomic_model_directory(target, overwrite=True) as staging:
     (staging / "config.json").write_text('{"model_type": "padim", "marker": "new"}')
     (staging / "model.safetensors").write_bytes(b"new")
 """
