@@ -159,6 +159,23 @@ def load_split(source: str, split: str, **hub_options) -> Dataset | IterableData
     return hub_split(source, split, **hub_options)
 
 
+def contiguous_shard(length: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, stop) of process `rank`'s contiguous part of `length` items; the first `length % world` get one more."""
+    size, extra = divmod(length, world)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
+
+
+def dataset_shard(dataset: Dataset, rank: int, world: int) -> Dataset:
+    """Process `rank`'s contiguous part of `dataset`, possibly empty.
+
+    Not `split_dataset_by_node`: its contiguous shard (and `select(range(n, n))`) raises IndexError for a process
+    that gets no row (2 rows on 3 processes).
+    """
+    start, stop = contiguous_shard(len(dataset), rank, world)
+    return dataset.select(range(start, stop) if stop > start else [])
+
+
 def decode_image(value: dict | PIL.Image.Image | None, path: str) -> PIL.Image.Image:
     """Decodes an undecoded `datasets` image ({bytes, path}) with the processor's decoder (size checked before
     decoding, EXIF orientation applied); errors name the image's path."""

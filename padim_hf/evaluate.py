@@ -29,11 +29,10 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 from datasets import Dataset
-from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import Collator, decode_image, drop_unreadable, load_split
+from .data import Collator, dataset_shard, decode_image, drop_unreadable, load_split
 from .files import atomic_model_directory, atomic_write_text, without_local_paths
 from .fit import add_data_arguments, make_accelerator
 from .image_processing_padim import PadimImageProcessor
@@ -194,7 +193,7 @@ def score_split(
 ) -> SplitScores:
     """Scores `dataset` (this process's contiguous shard of it) and combines the results of all processes."""
     with_masks = check_masks(dataset)
-    shard = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
+    shard = dataset_shard(dataset, accelerator.process_index, accelerator.num_processes)
     loader = DataLoader(
         shard, batch_size=batch_size, num_workers=num_workers, collate_fn=EvaluationCollator(processor, protocol)
     )

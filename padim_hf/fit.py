@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset as TorchIterableDataset
 from tqdm.auto import tqdm
 
 from .configuration_padim import PadimConfig
-from .data import decode_image, drop_unreadable, load_split
+from .data import contiguous_shard, dataset_shard, decode_image, drop_unreadable, load_split
 from .files import atomic_model_directory, check_replaceable, dataset_reference
 from .gaussian import PatchStatistics
 from .image_processing_padim import PadimImageProcessor
@@ -206,13 +206,6 @@ class _ImageStream(TorchIterableDataset):
                 yield {"image": item, "path": f"item {index}"}
 
 
-def contiguous_shard(length: int, rank: int, world: int) -> tuple[int, int]:
-    """(start, stop) of process `rank`'s contiguous part of `length` items; the first `length % world` get one more."""
-    size, extra = divmod(length, world)
-    start = rank * size + min(rank, extra)
-    return start, start + size + (rank < extra)
-
-
 def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDataset | TorchIterableDataset:
     """This process's part of `data`: contiguous shards of a Dataset/Sequence, a split IterableDataset, or every
     world-th item of another iterable."""
@@ -221,9 +214,7 @@ def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDatase
         if columns and "image" not in columns:
             raise ValueError(f"the dataset has no 'image' column; columns: {columns} (see padim_hf.data for the layout)")
         if isinstance(data, Dataset):
-            # datasets' own contiguous shard (and select(range(n, n))) fails on an empty one (2 rows, 3 processes).
-            start, stop = contiguous_shard(len(data), rank, world)
-            return data.select(range(start, stop) if stop > start else [])
+            return dataset_shard(data, rank, world)
         return split_dataset_by_node(data, rank=rank, world_size=world) if world > 1 else data
     if isinstance(data, (str, Path)) or not isinstance(data, Iterable):
         raise TypeError(

@@ -143,3 +143,14 @@ def test_accelerates_multi_cpu_device_is_read_as_the_plain_cpu():
     before = model.weight.data_ptr()
     model.to(model_device(SimpleNamespace(device=torch.device("cpu", 0))))
     assert model.weight.data_ptr() == before
+
+
+def test_dataset_shards_are_contiguous_cover_every_row_once_and_may_be_empty():
+    from datasets import Dataset
+
+    from padim_hf.data import dataset_shard
+
+    rows = Dataset.from_dict({"index": list(range(5))})
+    assert [dataset_shard(rows, rank, 3)["index"] for rank in range(3)] == [[0, 1], [2, 3], [4]]
+    two = Dataset.from_dict({"index": [0, 1]})  # fit and evaluate of 2 images on 3 processes: the last gets none
+    assert [list(dataset_shard(two, rank, 3)["index"]) for rank in range(3)] == [[0], [1], []]
