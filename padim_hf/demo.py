@@ -69,9 +69,10 @@ def make_demo_dataset(root: str | Path, n_train: int = 40, n_test_good: int = 6,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .evaluate import add_evaluate_arguments, evaluate, print_report
+    from .data import load_split
+    from .evaluate import evaluate_padim, load_fitted, print_report, record_evaluation, save_evaluation
     from .fit import build_model, fit_padim, make_accelerator, save_fitted, training_split
-    from .predict import add_predict_arguments, predict
+    from .predict import predict_images
 
     parser = argparse.ArgumentParser(prog="padim-hf demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=Path("padim-demo"))
@@ -85,15 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     model = fit_padim(model, training_split(str(data)), accelerator=make_accelerator(cpu=True))
     model.config.train_dataset = str(data)
     save_fitted(model, model_dir, overwrite=True)
-    evaluate_parser = argparse.ArgumentParser()
-    add_evaluate_arguments(evaluate_parser)
-    report = evaluate(evaluate_parser.parse_args(
-        # Half the test images (stratified, seeded) choose the thresholds; the metrics are on the other half.
-        ["--model", str(model_dir), "--data", str(data), "--cpu", "--calibration-fraction", "0.5"]
-    ))
-    predict_parser = argparse.ArgumentParser()
-    add_predict_arguments(predict_parser)
-    predict(predict_parser.parse_args(["--model", str(model_dir), str(data / "test"), "--output-dir", str(out / "heatmaps"), "--cpu"]))
+    model, processor = load_fitted(str(model_dir), cpu=True)
+    test = load_split(str(data), "test")
+    # Half the test images (stratified, seeded) choose the thresholds; the metrics are on the other half.
+    result = evaluate_padim(model, test, processor=processor, calibration=0.5, accelerator=make_accelerator(cpu=True))
+    record_evaluation(model, result, {"name": str(data), "config": None, "split": "test"})
+    save_evaluation(model, processor, test, result, model_dir)
+    report = result.report()
+    predict_images(model_dir, [data / "test"], out / "heatmaps", cpu=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print_report(report, as_json=False)
     print(f"\ndone in {time.perf_counter() - started:.0f} s")

@@ -372,6 +372,32 @@ def update_config_file(model_dir: Path, model: PadimModel) -> None:
     atomic_write_text(model_dir / "config.json", model.config.to_json_string(use_diff=True))
 
 
+def save_evaluation(
+    model: PadimModel,
+    processor: PadimImageProcessor,
+    dataset: Dataset,
+    result: EvaluationResult,
+    model_dir: str | Path,
+    output_dir: str | Path | None = None,
+) -> Path:
+    """Stores an evaluated model (thresholds, metrics, calibration: see `record_evaluation`) and its gallery.
+
+    Without `output_dir` the local `model_dir`'s config.json is rewritten atomically; with it, the whole model is
+    written there (replacing only a PaDiM model or an empty folder, crash-safely). Returns the folder written.
+    """
+    target = Path(output_dir or model_dir)
+    if output_dir:
+        with atomic_model_directory(target, overwrite=True) as staging:
+            model.save_pretrained(staging)
+    elif not Path(model_dir).is_dir():
+        raise ValueError(f"{model_dir} is not a local directory: pass --output-dir to save the evaluated model")
+    else:
+        update_config_file(target, model)
+    if not math.isnan(result.pixel_auroc):
+        write_gallery(model, processor, dataset, result, target / "gallery.png")
+    return target
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """`padim-hf evaluate`: loads model and data as the arguments say, calls `evaluate_padim`, stores the results;
     returns `EvaluationResult.report()`."""
@@ -403,16 +429,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     calibration_source = {**described, "split": args.calibration_split} if args.calibration_split else None
     record_evaluation(model, result, described, calibration_source)
     if not args.no_save and accelerator.is_main_process:
-        target = Path(args.output_dir or args.model)
-        if args.output_dir:  # replaces only a PaDiM model (or an empty folder) there, crash-safely
-            with atomic_model_directory(target, overwrite=True) as staging:
-                model.save_pretrained(staging)
-        elif not Path(args.model).is_dir():
-            raise ValueError(f"{args.model} is not a local directory: pass --output-dir to save the evaluated model")
-        else:
-            update_config_file(target, model)
-        if not math.isnan(result.pixel_auroc):
-            write_gallery(model, processor, dataset, result, target / "gallery.png")
+        save_evaluation(model, processor, dataset, result, args.model, args.output_dir)
     if result.calibration is None and accelerator.is_main_process:
         print(
             "note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set",

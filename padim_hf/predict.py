@@ -67,20 +67,30 @@ def output_paths(output_dir: Path, names: list[str]) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(args: argparse.Namespace) -> list[dict]:
-    """Writes a heatmap per image and predictions.json/.csv into `args.output_dir`.
+def predict_images(
+    model: str | Path,
+    inputs: list[str | Path],
+    output_dir: str | Path,
+    *,
+    engine: str = "torch",
+    batch_size: int = 8,
+    cpu: bool = False,
+) -> list[dict]:
+    """Writes a heatmap per image and predictions.json/.csv into `output_dir`; returns the prediction rows.
 
-    Refuses (FileExistsError, before any work) when any of those files exists already, an input image among them:
-    predict only ever creates new files. An interruption raises `InterruptedAfterWriting` naming what was written.
-    `args.engine` (torch, onnxruntime, openvino) picks what scores the images (see `load_engine`).
+    `model`: a model directory or Hub repo id (or an export folder for the onnxruntime/openvino engines, see
+    `load_engine`); `inputs`: image files and folders. Refuses (FileExistsError, before any work) when any of the
+    files to write exists already, an input image among them: predict only ever creates new files. An interruption
+    raises `InterruptedAfterWriting` naming what was written.
     """
-    dataset = image_list(args.inputs)
+    output_dir = Path(output_dir)
+    dataset = image_list(inputs)
     names = output_names(dataset["path"])
-    check_new_files(output_paths(args.output_dir, names), "predict's")
-    score_batch, processor, config = load_engine(args.model, getattr(args, "engine", "torch"), args.cpu)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    check_new_files(output_paths(output_dir, names), "predict's")
+    score_batch, processor, config = load_engine(str(model), engine, cpu)
+    output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=Collator(processor, with_images=True))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(processor, with_images=True))
     try:
         for batch in tqdm(loader, unit="batch", desc="predict"):
             anomaly_maps, scores = score_batch(batch["pixel_values"])
@@ -89,7 +99,7 @@ def predict(args: argparse.Namespace) -> list[dict]:
                 # Colour scale: the calibrated score range when known, else this map's own range.
                 vmin = config.score_min if config.score_min is not None else float(anomaly_map.min())
                 vmax = config.score_max if config.score_max is not None else float(anomaly_map.max())
-                heatmap = args.output_dir / names[len(rows)]
+                heatmap = output_dir / names[len(rows)]
                 overlay_heatmap(image, anomaly_map.numpy(), vmin, vmax).save(heatmap)
                 normalized = normalized_score(score, config)
                 rows.append({
@@ -101,11 +111,11 @@ def predict(args: argparse.Namespace) -> list[dict]:
                 })
     except KeyboardInterrupt as interruption:
         raise InterruptedAfterWriting(
-            f"{len(rows)} of {len(names)} heatmaps were written to {args.output_dir} before the interruption; "
+            f"{len(rows)} of {len(names)} heatmaps were written to {output_dir} before the interruption; "
             "predictions.json/.csv were not written"
         ) from interruption
-    (args.output_dir / "predictions.json").write_text(json.dumps(rows, indent=2))
-    with open(args.output_dir / "predictions.csv", "w", newline="") as handle:
+    (output_dir / "predictions.json").write_text(json.dumps(rows, indent=2))
+    with open(output_dir / "predictions.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -123,6 +133,13 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="torch: the checkpoint; onnxruntime/openvino: an export (see padim-hf export)")
+
+
+def predict(args: argparse.Namespace) -> list[dict]:
+    """`padim-hf predict`: `predict_images` with the parsed arguments."""
+    return predict_images(
+        args.model, args.inputs, args.output_dir, engine=args.engine, batch_size=args.batch_size, cpu=args.cpu
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
