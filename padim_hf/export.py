@@ -41,12 +41,14 @@ class ExportablePadim(nn.Module):
     """`PadimModel.forward` as plain tensor operations for tracing: no input checks, no Python-side state.
 
     Channels are picked and upsampled with `index_select` (nearest upsampling is a gather of source rows/columns),
-    which reproduces `PadimModel.embed` exactly; the Gaussian is the model's own `PadimGaussian` module.
+    which reproduces `PadimModel.embed` exactly; the Gaussian is the model's own `PadimGaussian` module (with its
+    factor in float32).
     """
 
     def __init__(self, model: PadimModel):
         super().__init__()
-        self.backbone, self.gaussian, self.config = model.backbone, model.gaussian, model.config
+        # The graph holds the factor in float32 (the runtimes' GEMMs take float32 operands); the model may keep float16.
+        self.backbone, self.gaussian, self.config = model.backbone, model.gaussian.float32(), model.config
         size = model.config.input_size
         with torch.no_grad():  # the grid of every stage, from one probe image
             shapes = [feature.shape[-2:] for feature in model.backbone(torch.zeros(1, 3, size, size, device=model.device))]

@@ -14,6 +14,11 @@ FINALISE_CHUNK = 64
 _LAPACK_BLOCK = 64
 
 
+# Positions whose float16 factor is upcast per step when scoring: 8 WR50-Rd550 positions are 6 MB in float32, a
+# cache-sized working set (measured on the 2-core EPYC: batch 32 scores faster than from a resident float32 factor,
+# batch 1 about as fast; see BENCHMARKS.md).
+SCORE_CHUNK = 8
+
 # Lower-triangular (P, C, C) stacks are stored as this many block rows; see `LowerBlockRows`.
 LOWER_BLOCKS = 4
 
@@ -262,7 +267,23 @@ def whitening_factors(
 
 
 def mahalanobis_distances(patches: Tensor, mean: Tensor, whitening: LowerBlockRows) -> Tensor:
-    """(P, B) distances of patches (P, B, C) to per-position Gaussians given by mean (P, C) and lower-triangular W."""
+    """(P, B) distances of patches (P, B, C) to per-position Gaussians given by mean (P, C) and lower-triangular W.
+
+    W may be stored in a lower precision than the patches (float16): it is then upcast `SCORE_CHUNK` positions at
+    a time, so scoring never holds a full-precision copy of it, and the distances equal those of an upcast W.
+    """
+    if whitening.blocks[0].dtype == patches.dtype:
+        return _whitened_norms(patches, mean, whitening)
+    parts = []
+    for start in range(0, patches.shape[0], SCORE_CHUNK):
+        chunk = slice(start, start + SCORE_CHUNK)
+        upcast = whitening.map(lambda block: block[chunk].to(patches.dtype))
+        parts.append(_whitened_norms(patches[chunk], mean[chunk], upcast))
+    return torch.cat(parts)
+
+
+def _whitened_norms(patches: Tensor, mean: Tensor, whitening: LowerBlockRows) -> Tensor:
+    """||W (x - mean)|| at every position: one batched GEMM per block row of W."""
     # Contiguous (P, B, C): a batched GEMM over a permuted view is ~10x slower on CPU.
     centred = (patches - mean.unsqueeze(1)).contiguous()
     squared = None

@@ -111,15 +111,16 @@ def gaussian_blur_separable(maps: Tensor, kernel_size: int, sigma: float) -> Ten
 
 
 class PadimGaussian(nn.Module):
-    """Per-position Gaussians in the one form scoring uses: `mean` (P, C) and the lower-triangular whitening factor
-    W (W^T W = covariance^-1) as float32 block rows `whitening_0..3` (see `LowerBlockRows`: 10/16 of the full
-    matrices, each block a plain batched-GEMM operand). `forward` is pure tensor operations, so it exports as is.
+    """Per-position Gaussians in the one form scoring uses: `mean` (P, C) float32 and the lower-triangular whitening
+    factor W (W^T W = covariance^-1) as block rows `whitening_0..3` (see `LowerBlockRows`: 10/16 of the full
+    matrices, each block a plain batched-GEMM operand) in `storage_dtype`. `forward` is pure tensor operations.
 
-    On disk the checkpoint keeps its format: `gaussian.whitening_packed` (P, C(C+1)/2), the packed lower triangle in
-    `storage_dtype` (float16 by default, half the size). A state-dict hook packs the blocks on save and a load
-    pre-hook unpacks a packed factor straight into them; `PadimModel.from_pretrained` streams it from the
-    checkpoint in chunks of positions. The blocks always hold exactly the stored values (rounded to
-    `storage_dtype` when set), so a model scores the same before and after `save_pretrained`/`from_pretrained`.
+    The blocks stay in `storage_dtype` (float16 by default: half the memory of float32, 1.2 GB instead of 2.4 GB for
+    WR50-Rd550) and scoring upcasts them a few positions at a time; as float16 is also what the checkpoint stores,
+    a model scores the same before and after `save_pretrained`/`from_pretrained`. On disk the factor is
+    `gaussian.whitening_packed` (P, C(C+1)/2), the packed lower triangle: a state-dict hook packs the blocks on save
+    and a load pre-hook unpacks a packed factor straight into them; `PadimModel.from_pretrained` streams it from
+    the checkpoint in chunks of positions.
     """
 
     PACKED = "whitening_packed"
@@ -128,9 +129,9 @@ class PadimGaussian(nn.Module):
         super().__init__()
         self.num_features = num_features
         self.storage_dtype = storage_dtype
-        self.register_buffer("mean", torch.zeros(num_positions, num_features))
+        self.register_buffer("mean", torch.zeros(num_positions, num_features, dtype=torch.float32))
         # Non-persistent: the state dict carries the packed factor instead (see the hooks below).
-        for index, block in enumerate(LowerBlockRows.zeros(num_positions, num_features).blocks):
+        for index, block in enumerate(LowerBlockRows.zeros(num_positions, num_features, dtype=storage_dtype).blocks):
             self.register_buffer(f"whitening_{index}", block, persistent=False)
         self.hide_packed = False  # set while transformers loads a checkpoint: the factor is streamed separately
         self._register_state_dict_hook(_add_packed_factor)
@@ -141,7 +142,7 @@ class PadimGaussian(nn.Module):
         return len(LowerBlockRows.bounds(self.num_features)) - 1
 
     def whitening(self) -> LowerBlockRows:
-        """The (P, C, C) whitening factors as the block-row buffers themselves (no copy)."""
+        """The (P, C, C) whitening factors as the block-row buffers themselves (no copy, `storage_dtype`)."""
         return LowerBlockRows([getattr(self, f"whitening_{index}") for index in range(self.num_blocks)])
 
     def _set_blocks(self, whitening: LowerBlockRows) -> None:
@@ -150,20 +151,28 @@ class PadimGaussian(nn.Module):
 
     @torch.no_grad()
     def set_(self, mean: Tensor, whitening: LowerBlockRows) -> None:
-        """Takes mean (P, C) and lower-triangular W (P, C, C) as the runtime Gaussian.
+        """Takes mean (P, C) and lower-triangular W (P, C, C) as the runtime Gaussian, W in `storage_dtype`.
 
-        A float32 `whitening` on the buffers' device is used in place (no second copy of the factors), rounded to
-        `storage_dtype` chunk by chunk so that the model scores exactly as its saved checkpoint will.
+        `whitening` is consumed: each block is taken out of it as it is converted (a block already in
+        `storage_dtype` on the buffers' device is used as it is), so converting never holds more than one
+        converted block next to the caller's factor.
         """
         device = self.mean.device
+        self.release_()  # the old factor or placeholder goes before the new one is made
         self.mean = mean.float().to(device)
-        whitening = whitening.map(lambda block: block.to(device=device, dtype=torch.float32))
-        if self.storage_dtype != torch.float32:
-            for block in whitening.blocks:
-                for start in range(0, block.shape[0], LOAD_CHUNK):
-                    chunk = block[start : start + LOAD_CHUNK]
-                    chunk.copy_(chunk.to(self.storage_dtype))
-        self._set_blocks(whitening)
+        converted = []
+        while whitening.blocks:
+            converted.append(whitening.blocks.pop(0).to(device=device, dtype=self.storage_dtype))
+        self._set_blocks(LowerBlockRows(converted))
+
+    def float32(self) -> "PadimGaussian":
+        """This Gaussian with a float32 factor: itself when stored in float32, else a converted copy (what exported
+        graphs hold: ONNX Runtime's and OpenVINO's GEMMs take float32 operands)."""
+        if all(block.dtype == torch.float32 for block in self.whitening().blocks):
+            return self
+        copy = PadimGaussian(0, self.num_features, torch.float32).to(self.mean.device)
+        copy.set_(self.mean, self.whitening())
+        return copy
 
     def packed(self) -> Tensor:
         """(P, C(C+1)/2) packed lower triangle of W in `storage_dtype`: what the checkpoint stores."""
@@ -175,7 +184,8 @@ class PadimGaussian(nn.Module):
         (a checkpoint slice), so at most one chunk of the packed factor is ever in memory next to the blocks."""
         read = packed if callable(packed) else packed.__getitem__
         positions = self.mean.shape[0] if num_positions is None else num_positions
-        whitening = LowerBlockRows.zeros(positions, self.num_features, device=self.mean.device)
+        self.release_()
+        whitening = LowerBlockRows.zeros(positions, self.num_features, dtype=self.storage_dtype, device=self.mean.device)
         for start in range(0, positions, LOAD_CHUNK):
             chunk = slice(start, min(start + LOAD_CHUNK, positions))
             values = read(chunk).to(self.mean.device)
@@ -186,7 +196,7 @@ class PadimGaussian(nn.Module):
         self._set_blocks(whitening)
 
     def release_(self) -> None:
-        """Frees the factor buffers (an unfitted model's placeholder, 2.4 GB for WR50-Rd550)."""
+        """Frees the factor buffers (an unfitted model's placeholder: 1.2 GB for WR50-Rd550 in float16)."""
         positions = self.mean.shape[0]
         self._set_blocks(self.whitening().map(lambda block: block.new_empty(positions, 0, 0)))
 
@@ -194,7 +204,7 @@ class PadimGaussian(nn.Module):
         """(B, h, w) Mahalanobis distances of an embedding (B, C, h, w)."""
         batch, channels, height, width = embedding.shape
         patches = embedding.float().flatten(2).permute(2, 0, 1)  # (P, B, C)
-        distances = mahalanobis_distances(patches, self.mean.float(), self.whitening())
+        distances = mahalanobis_distances(patches, self.mean.float(), self.whitening())  # upcasts W as it goes
         return distances.transpose(0, 1).reshape(batch, height, width)
 
 

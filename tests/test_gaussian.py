@@ -142,6 +142,20 @@ def test_distances_equal_per_position_mahalanobis_reference(patches):
             assert distances[p, b].item() == pytest.approx(np.sqrt(delta @ precision @ delta), rel=1e-4)
 
 
+def test_float16_factor_scores_exactly_like_its_float32_upcast_in_chunks_of_positions():
+    """A float16 factor is upcast a few positions at a time (SCORE_CHUNK); 21 positions leave a partial last chunk."""
+    generator = torch.Generator().manual_seed(0)
+    positions, channels = 21, 9
+    factor16 = LowerBlockRows.from_dense(torch.randn(positions, channels, channels, generator=generator).tril().half())
+    factor32 = factor16.map(lambda block: block.float())
+    patches, mean = torch.randn(positions, 3, channels, generator=generator), torch.randn(positions, channels, generator=generator)
+    distances = mahalanobis_distances(patches, mean, factor16)
+    assert distances.shape == (positions, 3) and distances.dtype == torch.float32
+    assert torch.equal(distances, mahalanobis_distances(patches, mean, factor32))
+    plain = torch.linalg.vector_norm(torch.einsum("pij,pbj->pbi", factor32.dense().double(), (patches - mean[:, None]).double()), dim=-1)
+    torch.testing.assert_close(distances.double(), plain, rtol=1e-5, atol=0)
+
+
 def test_packing_round_trips_lower_triangular_matrices():
     lower = torch.randn(3, 9, 9).tril()
     packed = pack_lower(LowerBlockRows.from_dense(lower))

@@ -143,12 +143,14 @@ def test_save_and_load_give_identical_maps(small_model, random_images, tmp_path)
     assert isinstance(processor, PadimImageProcessor) and processor.size["height"] == 64
 
 
-def test_half_precision_load_keeps_gaussian_float32(small_model, tmp_path):
+@pytest.mark.parametrize("storage", ["float32", "float16"])
+def test_low_precision_load_keeps_the_gaussian_in_its_stored_dtypes(small_model, tmp_path, storage):
+    small_model.config.covariance_storage = storage
     small_model.save_pretrained(tmp_path)
-    loaded = PadimModel.from_pretrained(tmp_path, dtype=torch.float16)
-    assert next(loaded.backbone.parameters()).dtype == torch.float16
+    loaded = PadimModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert next(loaded.backbone.parameters()).dtype == torch.bfloat16
     assert loaded.gaussian.mean.dtype == torch.float32
-    assert all(block.dtype == torch.float32 for block in loaded.gaussian.whitening().blocks)
+    assert [block.dtype for block in loaded.gaussian.whitening().blocks] == [getattr(torch, storage)] * 4
 
 
 def test_float16_storage_halves_the_factor_on_disk_and_scores_stay_close(small_model, random_images, tmp_path):
