@@ -19,13 +19,18 @@ from .postprocess import normalized_score, overlay_heatmap
 ENGINES = ("torch", "onnxruntime", "openvino")
 
 
-def load_engine(model: str, engine: str = "torch", cpu: bool = False) -> tuple[Callable, object, object]:
+def load_engine(
+    model: str, engine: str = "torch", cpu: bool = False, precision: str = "float32"
+) -> tuple[Callable, object, object]:
     """(score, processor, config) for a model: `score(pixel_values)` returns (anomaly maps (B, 1, S, S), scores (B,))
     as CPU tensors; `config` carries the thresholds and score range.
 
     engine "torch" loads the checkpoint (`model`: directory or Hub repo id); "onnxruntime" and "openvino" run an
     export: `model` is an export folder, or a model directory / Hub repo holding one in `onnx/` or `openvino/`.
+    `precision="bfloat16"` runs an OpenVINO export's backbone in bfloat16 (see `padim_hf.runtime.PRECISIONS`).
     """
+    if precision != "float32" and engine != "openvino":
+        raise ValueError(f"precision {precision!r} needs --engine openvino (the {engine} engine runs float32)")
     if engine == "torch":
         fitted, processor = load_fitted(model, cpu)
         device = fitted.gaussian.mean.device
@@ -42,7 +47,7 @@ def load_engine(model: str, engine: str = "torch", cpu: bool = False) -> tuple[C
     from .runtime import PadimRuntime
 
     folder = resolve_export_folder(model, engine)
-    runtime = PadimRuntime(folder, engine)
+    runtime = PadimRuntime(folder, engine, precision=precision)
 
     def score(pixel_values: torch.Tensor):
         outputs = runtime.run(pixel_values.numpy())
@@ -75,6 +80,7 @@ def predict_images(
     engine: str = "torch",
     batch_size: int = 8,
     cpu: bool = False,
+    precision: str = "float32",
 ) -> list[dict]:
     """Writes a heatmap per image and predictions.json/.csv into `output_dir`; returns the prediction rows.
 
@@ -87,7 +93,7 @@ def predict_images(
     dataset = image_list(inputs)
     names = output_names(dataset["path"])
     check_new_files(output_paths(output_dir, names), "predict's")
-    score_batch, processor, config = load_engine(str(model), engine, cpu)
+    score_batch, processor, config = load_engine(str(model), engine, cpu, precision)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(processor, with_images=True))
@@ -133,12 +139,16 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="torch: the checkpoint; onnxruntime/openvino: an export (see padim-hf export)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: the backbone in bfloat16, the Gaussian in float32 (--engine openvino, CPUs "
+                        "with bfloat16 units; ~2x faster, scores move by ~1-2%%)")
 
 
 def predict(args: argparse.Namespace) -> list[dict]:
     """`padim-hf predict`: `predict_images` with the parsed arguments."""
     return predict_images(
-        args.model, args.inputs, args.output_dir, engine=args.engine, batch_size=args.batch_size, cpu=args.cpu
+        args.model, args.inputs, args.output_dir, engine=args.engine, batch_size=args.batch_size, cpu=args.cpu,
+        precision=args.precision,
     )
 
 
