@@ -34,7 +34,8 @@ CONFIGS = {
 LAYERS = ["layer1", "layer2", "layer3"]
 SIZE = 224
 PROBE = 4
-ENGINES = ["ours-torch", "ours-onnxruntime", "ours-openvino", "anomalib-torch", "anomalib-openvino", "anomalib-openvino-f32"]
+ENGINES = ["ours-torch", "ours-onnxruntime", "ours-openvino", "ours-openvino-bf16", "anomalib-torch", "anomalib-openvino",
+           "anomalib-openvino-f32"]
 
 
 def peak_rss() -> int:
@@ -146,12 +147,13 @@ def load_engine(engine: str, config_name: str, workdir: Path):
             return output.anomaly_map[:, 0].numpy(), output.pred_score.numpy()
 
         return run
-    if engine in ("ours-onnxruntime", "ours-openvino"):
+    if engine in ("ours-onnxruntime", "ours-openvino", "ours-openvino-bf16"):
         sys.path.insert(0, str(workdir / "ours" / "onnx"))
         from padim_runtime import PadimRuntime  # the export's own torch-free runtime
 
         kind = engine.split("-")[1]
-        runtime = PadimRuntime(workdir / "ours" / ("onnx" if kind == "onnxruntime" else "openvino"), kind)
+        precision = "bfloat16" if engine.endswith("bf16") else "float32"  # bf16: the backbone only
+        runtime = PadimRuntime(workdir / "ours" / ("onnx" if kind == "onnxruntime" else "openvino"), kind, precision=precision)
 
         def run(normalised, raw):
             outputs = runtime.run(normalised)
@@ -294,7 +296,7 @@ def main() -> None:
     for config_name in args.configs:
         with tempfile.TemporaryDirectory(prefix=f"bench_export_{config_name}_") as scratch:
             workdir = Path(scratch)
-            export_ours = any(engine in ("ours-onnxruntime", "ours-openvino") for engine in args.engines)
+            export_ours = any(engine.startswith(("ours-onnxruntime", "ours-openvino")) for engine in args.engines)
             row = {"prepare_ours": worker(["prepare-ours", config_name, scratch, *([] if export_ours else ["noexport"])], 3000)}
             report["results"][config_name] = row  # written after every worker: a run cut short keeps what it measured
             print(config_name, "prepare ours", row["prepare_ours"], flush=True)

@@ -253,7 +253,9 @@ def deployment_section(repo_id: str, exports: list[str]) -> str:
         "The graph takes `pixel_values` (batch, 3, S, S) and returns `anomaly_map` and `pred_score` (plus `pred_label`"
         " / `normalized_score` when calibrated); its maps match PyTorch's within 1e-4 relative. OpenVINO must compile"
         " it with `{\"INFERENCE_PRECISION_HINT\": \"f32\"}` (padim_runtime does): its CPU plugin would otherwise"
-        " run it in bfloat16.",
+        " run it in bfloat16. On CPUs with bfloat16 units, `PadimRuntime(..., precision=\"bfloat16\")` runs the"
+        " OpenVINO export's backbone in bfloat16 and the Gaussian in float32: about twice as fast, scores move by"
+        " about 1 %.",
     ]
     return "\n".join(lines)
 

@@ -46,9 +46,10 @@ def read_image_source(image, timeout: float | None = URL_TIMEOUT):
 EXPORT_FOLDERS = {"onnxruntime": ("onnx", "model.onnx"), "openvino": ("openvino", "model.xml")}
 
 
-def load_exported_runtime(name_or_path: str, engine: str):
+def load_exported_runtime(name_or_path: str, engine: str, precision: str = "float32"):
     """The `PadimRuntime` of the export in `onnx/` or `openvino/` of a model directory or Hub repo (written by
-    `padim-hf export` / `padim-hf push --export`), imported from the export's own `padim_runtime.py`."""
+    `padim-hf export` / `padim-hf push --export`), imported from the export's own `padim_runtime.py`.
+    `precision="bfloat16"`: an OpenVINO export's backbone in bfloat16 (see `padim_runtime.PRECISIONS`)."""
     if engine not in EXPORT_FOLDERS:
         raise ValueError(f"unknown engine {engine!r}: choose torch, onnxruntime or openvino")
     subfolder, marker = EXPORT_FOLDERS[engine]
@@ -62,7 +63,8 @@ def load_exported_runtime(name_or_path: str, engine: str):
     spec = importlib.util.spec_from_file_location(f"padim_runtime_{engine}", folder / "padim_runtime.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.PadimRuntime(folder, engine)
+    # Older exports' runtimes take no precision argument: pass it only when asked for.
+    return module.PadimRuntime(folder, engine, **({} if precision == "float32" else {"precision": precision}))
 
 
 def normalized_score(score: float, config) -> float | None:
@@ -90,7 +92,8 @@ class AnomalyDetectionPipeline(Pipeline):
     with a timeout (`timeout=` seconds, default `URL_TIMEOUT`).
 
     `engine="onnxruntime"` or `"openvino"` (a pipeline argument) runs the model's export in `onnx/` / `openvino/`
-    instead of the PyTorch model; pre- and post-processing are the same.
+    instead of the PyTorch model; pre- and post-processing are the same. With OpenVINO, `precision="bfloat16"` runs
+    the backbone in bfloat16 (CPUs with bfloat16 units; about twice as fast, scores move by about 1 %).
     """
 
     _load_processor = False
@@ -99,10 +102,14 @@ class AnomalyDetectionPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, image_threshold=None, pixel_threshold=None, timeout=None, engine=None, **kwargs):
+    def _sanitize_parameters(
+        self, image_threshold=None, pixel_threshold=None, timeout=None, engine=None, precision=None, **kwargs
+    ):
         # Thresholds default to the model's calibrated ones; callers may override them per call.
+        if precision not in (None, "float32") and engine in (None, "torch"):
+            raise ValueError(f"precision={precision!r} needs engine='openvino' (the PyTorch model runs float32)")
         if engine is not None and engine != "torch":
-            self.runtime = load_exported_runtime(self.model.name_or_path, engine)
+            self.runtime = load_exported_runtime(self.model.name_or_path, engine, precision or "float32")
         elif engine == "torch":
             self.runtime = None
         preprocess = {} if timeout is None else {"timeout": float(timeout)}

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 MODEL_ENV = "PADIM_MODEL"
 REVISION_ENV = "PADIM_REVISION"  # a commit hash of the model repo: the remote code that runs is then fixed
 ENGINE_ENV = "PADIM_ENGINE"
+PRECISION_ENV = "PADIM_PRECISION"  # "bfloat16": an OpenVINO export's backbone in bfloat16 (CPUs with bfloat16 units)
 EXPORT_FOLDERS = {"onnxruntime": ("onnx", "model.onnx"), "openvino": ("openvino", "model.xml")}
 SPACE_DIR = Path(__file__).resolve().parent
 DEFAULT_LOCAL_MODEL = SPACE_DIR.parent / "padim-demo" / "model"
@@ -65,7 +66,7 @@ class Analysis(NamedTuple):
     verdict: str
 
 
-def load_runtime(source: str, engine: str, revision: str | None = None):
+def load_runtime(source: str, engine: str, revision: str | None = None, precision: str = "float32"):
     """The exported model's `PadimRuntime` (from its own `padim_runtime.py`) in `onnx/` or `openvino/` of `source`."""
     if engine not in EXPORT_FOLDERS:
         raise ValueError(f"{ENGINE_ENV}={engine!r}: choose torch, onnxruntime or openvino")
@@ -80,7 +81,8 @@ def load_runtime(source: str, engine: str, revision: str | None = None):
     spec = importlib.util.spec_from_file_location("padim_runtime", folder / "padim_runtime.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.PadimRuntime(folder, engine)
+    # Older exports' runtimes take no precision argument: pass it only when asked for.
+    return module.PadimRuntime(folder, engine, **({} if precision == "float32" else {"precision": precision}))
 
 
 @dataclass
@@ -94,14 +96,16 @@ class Detector:
     model_config: Any = None
 
     @classmethod
-    def load(cls, source: str | Path, revision: str | None = None, engine: str = "torch") -> "Detector":
+    def load(cls, source: str | Path, revision: str | None = None, engine: str = "torch", precision: str = "float32") -> "Detector":
         # trust_remote_code runs the repository's code: `revision` (PADIM_REVISION, a commit hash) pins what runs.
+        if precision != "float32" and engine != "openvino":
+            raise ValueError(f"{PRECISION_ENV}={precision!r} needs {ENGINE_ENV}=openvino (the {engine} engine runs float32)")
         if engine != "torch":
             config = AutoConfig.from_pretrained(str(source), trust_remote_code=True, revision=revision)
             if getattr(config, "model_type", None) != "padim":
                 raise ValueError(f"{source} is a {config.model_type!r} model, not a PaDiM model")
             processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=True, revision=revision)
-            runtime = load_runtime(str(source), engine, revision)
+            runtime = load_runtime(str(source), engine, revision, precision)
             return cls(model=None, processor=processor, source=str(source), runtime=runtime, model_config=config)
         model = AutoModel.from_pretrained(str(source), trust_remote_code=True, revision=revision).eval()
         if torch.cuda.is_available():  # GPU Space hardware
@@ -511,6 +515,10 @@ def model_engine() -> str:
     return os.environ.get(ENGINE_ENV) or "torch"
 
 
+def model_precision() -> str:
+    return os.environ.get(PRECISION_ENV) or "float32"
+
+
 def load_detector(source: str, revision: str | None = None, engine: str | None = None) -> tuple[Detector | None, str]:
     """The detector at `source`, or None and a message saying what went wrong and how to get a model."""
     if source == str(DEFAULT_LOCAL_MODEL) and not DEFAULT_LOCAL_MODEL.exists():
@@ -520,7 +528,7 @@ def load_detector(source: str, revision: str | None = None, engine: str | None =
             )
         return None, f"No model at `{DEFAULT_LOCAL_MODEL}`. {HOW_TO_MAKE_A_MODEL}"
     try:
-        return Detector.load(source, revision, engine or model_engine()), ""
+        return Detector.load(source, revision, engine or model_engine(), model_precision()), ""
     except Exception as error:  # any loading failure is reported in the UI, the app still starts
         logger.exception("could not load %s", source)
         return None, f"Could not load the model `{source}`: {type(error).__name__}: {error}\n\n{HOW_TO_MAKE_A_MODEL}"

@@ -217,6 +217,22 @@ def test_bfloat16_runs_the_backbone_in_bfloat16_and_the_gaussian_in_float32(haze
     assert relative_difference(outputs["anomaly_map"], reference.anomaly_map.numpy()) < 0.1
 
 
+def test_pipeline_runs_the_openvino_export_in_bfloat16_on_request(hazelnut_export):
+    openvino = pytest.importorskip("openvino")
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bfloat16 units: OpenVINO cannot run bfloat16 here")
+    from transformers import pipeline
+
+    model_dir, tests, _, _ = hazelnut_export
+    reference = pipeline("anomaly-detection", model=str(model_dir))(list(map(str, tests[:3])))
+    detector = pipeline("anomaly-detection", model=str(model_dir), engine="openvino", precision="bfloat16")
+    assert detector.runtime.precision == "bfloat16"
+    for result, expected in zip(detector(list(map(str, tests[:3]))), reference):
+        assert 0 < abs(result["score"] - expected["score"]) <= 0.02 * expected["score"]
+    with pytest.raises(ValueError, match="needs engine='openvino'"):
+        pipeline("anomaly-detection", model=str(model_dir), precision="bfloat16")
+
+
 def test_precision_other_than_float32_needs_openvino(hazelnut_export):
     model_dir = hazelnut_export[0]
     with pytest.raises(ValueError, match="runs onnxruntime in float32 only"):

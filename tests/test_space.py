@@ -619,6 +619,26 @@ def test_padim_revision_pins_the_model_commit(app, model_dir, hub_env, monkeypat
     assert latest.config.image_threshold == 123.0
 
 
+def test_space_precision_variable_runs_the_openvino_backbone_in_bfloat16(app, model_dir, tmp_path, monkeypatch):
+    import openvino
+
+    from padim_hf.export import export
+
+    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bfloat16 units: OpenVINO cannot run bfloat16 here")
+    exported = tmp_path / "model"
+    shutil.copytree(model_dir, exported)
+    export(exported, exported / "openvino", "openvino")
+    monkeypatch.setenv("PADIM_PRECISION", "bfloat16")
+    detector, message = app.load_detector(str(exported), engine="openvino")
+    assert message == "" and detector.runtime.engine == "openvino" and detector.runtime.precision == "bfloat16"
+    image = PIL.Image.fromarray(defect_image("scratch")[0])
+    score, expected = detector.predict(image)[1], app.Detector.load(exported).predict(image)[1]
+    assert 0 < abs(score - expected) <= 0.02 * expected
+    detector, message = app.load_detector(str(exported), engine="torch")
+    assert detector is None and "PADIM_PRECISION='bfloat16' needs PADIM_ENGINE=openvino" in message
+
+
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
 def test_space_runs_the_exported_model(app, model_dir, engine, tmp_path):
     from padim_hf.export import export
