@@ -1,0 +1,70 @@
+"""How much OpenVINO's bfloat16 moves PaDiM maps and scores on real images (MVTec hazelnut, real ImageNet
+EfficientNet-Lite0 backbone), against padim_hf's float32 torch model: OpenVINO float32, bfloat16 for the backbone
+only (padim_hf's export, `PadimRuntime(precision="bfloat16")`) and bfloat16 everywhere (the same graph compiled
+from the ONNX export, which carries no float32 marking).
+
+    .venv/bin/python benchmarks/bfloat16_accuracy.py --root ../shared/data/mvtec_ad_reduced/hazelnut
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import openvino
+from sklearn.metrics import roc_auc_score
+
+from padim_hf import PadimConfig, PadimImageProcessor, PadimModel
+from padim_hf.export import export_onnx, export_openvino
+from padim_hf.image_processing_padim import load_image
+from padim_hf.runtime import PadimRuntime
+from padim_hf.weights import export_lite0_weights
+
+MODELS = {  # name: (config, train images); the first is tests/test_export.py's hazelnut model
+    "Lite0, 64 features, 160 px crop 128, 20 train images": (
+        PadimConfig(backbone="tf_efficientnet_lite0", layers=(1, 2, 3), n_features=64, image_size=160, crop_size=128), 20),
+    "Lite0, 100 features, 256 px, 50 train images": (
+        PadimConfig(backbone="tf_efficientnet_lite0", layers=(1, 2, 3), n_features=100, image_size=256), 50),
+}
+
+
+def relative(result: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(result - reference).max() / np.abs(reference).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("../shared/data/mvtec_ad_reduced/hazelnut"))
+    args = parser.parse_args()
+    tests = sorted((args.root / "test").glob("*/*.png"))
+    labels = np.array([path.parent.name != "good" for path in tests])
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = export_lite0_weights(Path(scratch) / "lite0.safetensors")
+        print("| model | engine | max map diff | max score diff | image AUROC |\n|---|---|---|---|---|")
+        for name, (config, train_count) in MODELS.items():
+            model = PadimModel(config).load_backbone_weights(weights)
+            processor = PadimImageProcessor.from_padim_config(config)
+            train = sorted((args.root / "train" / "good").glob("*.png"))[:train_count]
+            model.fit(processor([load_image(p) for p in train[i : i + 10]], return_tensors="pt")["pixel_values"]
+                      for i in range(0, train_count, 10))
+            pixel_values = processor([load_image(p) for p in tests], return_tensors="pt")["pixel_values"]
+            reference = model(pixel_values)
+            folder = Path(scratch) / name.split(",")[1].strip().replace(" ", "_")
+            export_onnx(model, folder / "onnx")
+            export_openvino(model, folder / "openvino")
+            unmarked = openvino.Core().compile_model(str(folder / "onnx" / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+            results = unmarked({"pixel_values": pixel_values.numpy()})
+            runs = {
+                "OpenVINO float32": PadimRuntime(folder / "openvino", "openvino").run(pixel_values.numpy()),
+                "OpenVINO bfloat16 backbone + float32 Gaussian": PadimRuntime(
+                    folder / "openvino", "openvino", precision="bfloat16").run(pixel_values.numpy()),
+                "OpenVINO bfloat16 everything": {key: np.asarray(results[unmarked.output(key)]) for key in ("anomaly_map", "pred_score")},
+            }
+            for engine, outputs in runs.items():
+                print(f"| {name} | {engine} | {relative(outputs['anomaly_map'], reference.anomaly_map.numpy()):.1e} | "
+                      f"{relative(outputs['pred_score'], reference.pred_score.numpy()):.1e} | "
+                      f"{roc_auc_score(labels, outputs['pred_score']):.4f} |")
+
+
+if __name__ == "__main__":
+    main()
