@@ -119,8 +119,6 @@ def export_config(config: PadimConfig, engine_files: list[str]) -> dict:
         "score_min": config.score_min,
         "score_max": config.score_max,
         "openvino_config": {"INFERENCE_PRECISION_HINT": "f32"},
-        # What `PadimRuntime(precision=...)` may ask of each engine (bfloat16: the backbone only, see runtime.py).
-        "precisions": {"onnxruntime": ["float32"], "openvino": ["float32", "bfloat16"]},
         "model": {
             "backbone": config.backbone,
             "layers": list(config.layers),
@@ -223,29 +221,13 @@ def export_openvino(model: PadimModel, output_dir: str | Path) -> list[Path]:
         onnx_dir = staging / "onnx"
         onnx_dir.mkdir()
         _trace_onnx(model, onnx_dir / ONNX_FILE)
-        graph = ov.convert_model(str(onnx_dir / ONNX_FILE))
-        keep_float32_after_backbone(graph)
         # compress_to_fp16=False: OpenVINO would otherwise store the Gaussian in float16 (distances off by ~1e-3).
-        ov.save_model(graph, str(staging / OPENVINO_FILES[0]), compress_to_fp16=False)
+        ov.save_model(ov.convert_model(str(onnx_dir / ONNX_FILE)), str(staging / OPENVINO_FILES[0]), compress_to_fp16=False)
         shutil.rmtree(onnx_dir)
         _write_side_files(staging, model.config, list(OPENVINO_FILES))
         return _commit(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def keep_float32_after_backbone(graph) -> None:
-    """Marks every operation of an OpenVINO graph outside the backbone `precise` (saved in the IR), so that a
-    bfloat16 inference precision applies to the backbone only: the embedding, Gaussian, upsampling and blur stay in
-    float32 (a bfloat16 whitening factor keeps 8 bits of each entry). Backbone operations are those the ONNX
-    export names after the `backbone` module."""
-    operations = graph.get_ops()
-    backbone = [op for op in operations if op.get_friendly_name().startswith("/backbone/")]
-    if not backbone:  # the names come from torch's exporter: a change there must not silently drop the marking
-        raise RuntimeError("no /backbone/ operation in the exported graph: cannot tell the backbone from the Gaussian")
-    for op in operations:
-        if not op.get_friendly_name().startswith("/backbone/"):
-            op.get_rt_info()["precise_0"] = ""  # OpenVINO's DisablePrecisionConversion attribute
 
 
 ENGINE_FOLDERS = {"onnxruntime": ("onnx", ONNX_FILE), "openvino": ("openvino", OPENVINO_FILES[0])}

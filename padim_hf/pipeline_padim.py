@@ -49,7 +49,7 @@ EXPORT_FOLDERS = {"onnxruntime": ("onnx", "model.onnx"), "openvino": ("openvino"
 def load_exported_runtime(name_or_path: str, engine: str, precision: str = "float32"):
     """The `PadimRuntime` of the export in `onnx/` or `openvino/` of a model directory or Hub repo (written by
     `padim-hf export` / `padim-hf push --export`), imported from the export's own `padim_runtime.py`.
-    `precision="bfloat16"`: an OpenVINO export's backbone in bfloat16 (see `padim_runtime.PRECISIONS`)."""
+    `precision="bfloat16"`: an OpenVINO export run in bfloat16 (see `padim_runtime.PRECISIONS`)."""
     if engine not in EXPORT_FOLDERS:
         raise ValueError(f"unknown engine {engine!r}: choose torch, onnxruntime or openvino")
     subfolder, marker = EXPORT_FOLDERS[engine]
@@ -93,7 +93,7 @@ class AnomalyDetectionPipeline(Pipeline):
 
     `engine="onnxruntime"` or `"openvino"` (a pipeline argument) runs the model's export in `onnx/` / `openvino/`
     instead of the PyTorch model; pre- and post-processing are the same. With OpenVINO, `precision="bfloat16"` runs
-    the backbone in bfloat16 (CPUs with bfloat16 units; about twice as fast, scores move by about 1 %).
+    the graph in bfloat16 (CPUs with bfloat16 units; about twice as fast, scores move by up to ~2 %).
     """
 
     _load_processor = False

@@ -27,7 +27,7 @@ def load_engine(
 
     engine "torch" loads the checkpoint (`model`: directory or Hub repo id); "onnxruntime" and "openvino" run an
     export: `model` is an export folder, or a model directory / Hub repo holding one in `onnx/` or `openvino/`.
-    `precision="bfloat16"` runs an OpenVINO export's backbone in bfloat16 (see `padim_hf.runtime.PRECISIONS`).
+    `precision="bfloat16"` runs an OpenVINO export in bfloat16 (see `padim_hf.runtime.PRECISIONS`).
     """
     if precision != "float32" and engine != "openvino":
         raise ValueError(f"precision {precision!r} needs --engine openvino (the {engine} engine runs float32)")
@@ -140,8 +140,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="torch: the checkpoint; onnxruntime/openvino: an export (see padim-hf export)")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                        help="bfloat16: the backbone in bfloat16, the Gaussian in float32 (--engine openvino, CPUs "
-                        "with bfloat16 units; ~2x faster, scores move by ~1-2%%)")
+                        help="bfloat16: --engine openvino on CPUs with bfloat16 units, ~2x faster; scores move by up "
+                        "to ~2%%, maps by up to ~6%% of their maximum")
 
 
 def predict(args: argparse.Namespace) -> list[dict]:

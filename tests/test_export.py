@@ -189,30 +189,28 @@ def test_runtime_decodes_like_padim_hf(mode, values):
     np.testing.assert_array_equal(np.asarray(to_rgb(image)), to_rgb_uint8(image))
 
 
-def runtime_precisions(runtime: PadimRuntime) -> dict[tuple[str, str], set[str]]:
-    """{(part, layer type): runtime precisions} of a compiled OpenVINO model; part: "backbone" or "after"."""
+def runtime_precisions(runtime: PadimRuntime) -> dict[str, set[str]]:
+    """{layer type: runtime precisions} of a compiled OpenVINO model."""
     precisions = {}
     for op in runtime._compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
-        part = "backbone" if "/backbone/" in info["originalLayersNames"].astype(str) else "after"
-        precisions.setdefault((part, info["layerType"].astype(str)), set()).add(info["runtimePrecision"].astype(str))
+        precisions.setdefault(info["layerType"].astype(str), set()).add(info["runtimePrecision"].astype(str))
     return precisions
 
 
-def test_bfloat16_runs_the_backbone_in_bfloat16_and_the_gaussian_in_float32(hazelnut_export):
+def test_bfloat16_runs_the_openvino_export_in_bfloat16_within_measured_bounds(hazelnut_export):
     openvino = pytest.importorskip("openvino")
     if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no bfloat16 units: OpenVINO cannot run bfloat16 here")
     model_dir, _, pixel_values, reference = hazelnut_export
+    float32 = runtime_precisions(PadimRuntime(model_dir / "openvino", "openvino"))
     runtime = PadimRuntime(model_dir / "openvino", "openvino", precision="bfloat16")
-    precisions = runtime_precisions(runtime)
-    assert precisions[("backbone", "Convolution")] == {"bf16"}
-    # The Gaussian's GEMMs, its element-wise steps and reductions, and the blur stay float32 (the upsampling and
-    # the blur's padding are the two operations OpenVINO runs in bfloat16 regardless: ~0.2 % rounding).
-    for layer in ("FullyConnected", "Eltwise", "Reduce", "Convolution", "Gather"):
-        assert precisions[("after", layer)] == {"f32"}, layer
+    bfloat16 = runtime_precisions(runtime)
+    # The backbone's convolutions and the Gaussian's GEMMs: float32 by default, bfloat16 on request.
+    assert "bf16" not in float32["Convolution"] | float32["FullyConnected"]
+    assert "bf16" in bfloat16["Convolution"] and bfloat16["FullyConnected"] == {"bf16"}
     outputs = runtime.run(pixel_values.numpy())
-    # Measured on hazelnut: scores 0.5 %, maps 5 % of the map maximum (float32: 1e-6).
+    # Measured on this model: scores 0.5 %, maps 5 % of the map maximum (float32: 1e-6).
     assert 1e-4 < relative_difference(outputs["pred_score"], reference.pred_score.numpy()) < 0.02
     assert relative_difference(outputs["anomaly_map"], reference.anomaly_map.numpy()) < 0.1
 
@@ -227,15 +225,15 @@ def test_pipeline_runs_the_openvino_export_in_bfloat16_on_request(hazelnut_expor
     reference = pipeline("anomaly-detection", model=str(model_dir))(list(map(str, tests[:3])))
     detector = pipeline("anomaly-detection", model=str(model_dir), engine="openvino", precision="bfloat16")
     assert detector.runtime.precision == "bfloat16"
-    for result, expected in zip(detector(list(map(str, tests[:3]))), reference):
-        assert 0 < abs(result["score"] - expected["score"]) <= 0.02 * expected["score"]
+    changes = [abs(r["score"] - e["score"]) / e["score"] for r, e in zip(detector(list(map(str, tests[:3]))), reference)]
+    assert 1e-4 < max(changes) <= 0.02  # bfloat16 really ran (float32 agrees to ~1e-6)
     with pytest.raises(ValueError, match="needs engine='openvino'"):
         pipeline("anomaly-detection", model=str(model_dir), precision="bfloat16")
 
 
 def test_precision_other_than_float32_needs_openvino(hazelnut_export):
     model_dir = hazelnut_export[0]
-    with pytest.raises(ValueError, match="runs onnxruntime in float32 only"):
+    with pytest.raises(ValueError, match="bfloat16 runs on OpenVINO only"):
         PadimRuntime(model_dir / "onnx", "onnxruntime", precision="bfloat16")
     with pytest.raises(ValueError, match="unknown precision 'float16'"):
         PadimRuntime(model_dir / "openvino", "openvino", precision="float16")
