@@ -203,6 +203,19 @@ def load_engine(engine: str, config_name: str, workdir: Path):
     raise ValueError(engine)
 
 
+def timed_runs(run, batch_size: int, count: int) -> list[float]:
+    """Seconds of `count` runs on fresh batches of `batch_size` images, after one warm-up run."""
+    raw, normalised = images(batch_size, seed=0)
+    run(normalised, raw)
+    times = []
+    for index in range(count):
+        raw, normalised = images(batch_size, seed=index + 1)
+        begin = time.perf_counter()
+        run(normalised, raw)
+        times.append(time.perf_counter() - begin)
+    return times
+
+
 def measure(engine: str, config_name: str, workdir: Path, mode: str, batches: int) -> dict:
     import numpy as np
 
@@ -210,14 +223,7 @@ def measure(engine: str, config_name: str, workdir: Path, mode: str, batches: in
     run = load_engine(engine, config_name, workdir)
     result = {"load_seconds": time.perf_counter() - start}
     if mode == "throughput":
-        raw, normalised = images(32, seed=0)
-        run(normalised, raw)  # warm-up
-        times = []
-        for index in range(batches):
-            raw, normalised = images(32, seed=index + 1)
-            begin = time.perf_counter()
-            run(normalised, raw)
-            times.append(time.perf_counter() - begin)
+        times = timed_runs(run, 32, batches)
         result["batch_seconds"] = times
         result["images_per_second"] = 32 / statistics.median(times)
         raw, normalised = images(PROBE, seed=99)
@@ -225,14 +231,7 @@ def measure(engine: str, config_name: str, workdir: Path, mode: str, batches: in
         np.save(workdir / f"maps_{engine}.npy", maps)
         np.save(workdir / f"scores_{engine}.npy", scores)
     else:
-        raw, normalised = images(1, seed=0)
-        run(normalised, raw)
-        times = []
-        for index in range(batches):
-            raw, normalised = images(1, seed=index + 1)
-            begin = time.perf_counter()
-            run(normalised, raw)
-            times.append(time.perf_counter() - begin)
+        times = timed_runs(run, 1, batches)
         result["latency_seconds"] = statistics.median(times)
         result["latencies"] = times
     result["peak_rss_bytes"] = peak_rss()

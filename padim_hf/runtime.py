@@ -90,7 +90,9 @@ class PadimRuntime:
             path = self._require("model.xml")
             core, device = openvino.Core(), device or "CPU"
             if precision == "bfloat16" and "BF16" not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
-                raise RuntimeError(f"OpenVINO's {device} device has no bfloat16 support on this machine: use precision='float32'")
+                raise RuntimeError(
+                    f"OpenVINO's {device} device has no bfloat16 support on this machine: use precision='float32'"
+                )
             config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
             self._compiled = core.compile_model(str(path), device, config)
             self._request = self._compiled.create_infer_request()
