@@ -300,6 +300,8 @@ def calibrate(
     `false_alarm_rate` defaults to the stored target, else 1 %.
     """
     record = model.config.calibration or {}
+    # A labelled (evaluate) calibration keeps the good-only record it replaced under "good_only".
+    record = record if record.get("method") == GOOD_ONLY else (record.get("good_only") or {})
     if false_alarm_rate is None:
         false_alarm_rate = record.get("target_false_alarm_rate") or DEFAULT_FALSE_ALARM_RATE
     if good_images is None:

@@ -1,5 +1,6 @@
 """Good-only calibration (padim_hf.calibration): thresholds at a chosen false-alarm rate from good images alone."""
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -183,3 +184,96 @@ def test_calibrate_on_new_good_images_scores_them_with_the_fitted_model(calibrat
         fresh = PadimModel.from_pretrained(tmp_path / "model")
         fresh.config.calibration = None
         calibrate(fresh, false_alarm_rate=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes
+
+
+@pytest.mark.slow
+def test_two_processes_hold_out_the_same_images_and_give_the_same_thresholds_as_one(lite0_weights, tmp_path):
+    from datasets import Dataset, Features, Image, Value
+
+    from tests.test_distributed import CONFIG, assert_equals_one_process_fit, launch
+
+    folder = make_demo_dataset(tmp_path / "folder", n_train=20, n_test_good=0, n_test_defect=0, size=48)
+    images = sorted((folder / "train" / "good").glob("*.png"))
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    features = Features({"image": Image(), "label": Value("int64")})
+    for index, part in enumerate([images[:8], images[8:14], images[14:]]):
+        rows = {"image": [{"bytes": p.read_bytes(), "path": None} for p in part], "label": [0] * len(part)}
+        Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "repo" / "data" / f"train-0000{index}-of-00003.parquet")
+    options = {"holdout_fraction": 0.4, "false_alarm_rate": 0.2}
+    sources = {"folder": training_split(str(folder)), "stream": training_split(str(tmp_path / "repo"), streaming=True)}
+    references = {}
+    for name, source in sources.items():  # one process
+        model = build_model(CONFIG, backbone_weights=lite0_weights)
+        model = fit_padim(model, source, batch_size=2, accelerator=make_accelerator(cpu=True), progress=False, **options)
+        references[name] = save_fitted(model, tmp_path / f"reference-{name}")
+    jobs = [
+        dict(name="folder", kind="folder", path=str(folder), fit_options=options),  # 8 of 20 rows by index
+        dict(name="stream", kind="hub_stream", path=str(tmp_path / "repo"), fit_options=options),  # by content hash
+    ]
+    reports = launch(2, jobs, {"weights": lite0_weights}, tmp_path)  # asserts 2 cooperating gloo processes
+    assert [report["images"] for report in reports["folder"]] == [10, 10]
+    for name in ("folder", "stream"):
+        calibration = json.loads((tmp_path / name / "config.json").read_text())["calibration"]
+        expected = json.loads((references[name] / "config.json").read_text())["calibration"]
+        assert calibration["num_images"] == expected["num_images"] >= 5, name
+        np.testing.assert_allclose(calibration["scores"], expected["scores"], rtol=1e-4)
+        assert calibration["image_threshold"] == pytest.approx(expected["image_threshold"], rel=1e-4)
+        assert calibration["rank"] == expected["rank"] and calibration["source"] == expected["source"]
+        assert_equals_one_process_fit(tmp_path / name, references[name])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every consumer prints a verdict
+
+
+def test_a_fit_on_train_good_alone_gives_verdicts_in_predict_pipeline_and_export(tmp_path, capsys):
+    import shutil
+
+    from transformers import pipeline
+
+    from padim_hf.cli import main
+    from padim_hf.export import export
+    from padim_hf.predict import predict_images
+    from padim_hf.runtime import PadimRuntime
+
+    demo = make_demo_dataset(tmp_path / "demo", n_train=20, n_test_good=2, n_test_defect=2, size=64)
+    line = tmp_path / "line"
+    shutil.copytree(demo / "train", line / "train")  # only train/good: no test split, no labels, no masks
+    model_dir = tmp_path / "model"
+    main(["fit", "--data", str(line), "--output-dir", str(model_dir), "--config", "padim-lite0-offline", "--image-size",
+          "64", "--n-features", "16", "--cpu", "--batch-size", "4"])
+    assert "Flags about 1 in 6 good parts" in capsys.readouterr().out
+    config = json.loads((model_dir / "config.json").read_text())
+    threshold = config["image_threshold"]
+    assert threshold is not None and config["pixel_threshold"] == threshold and config["num_train_images"] == 20
+    from padim_hf.modelcard import model_card_for_directory
+
+    assert "## Verdicts\n\nFlags about 1 in 6 good parts" in model_card_for_directory(model_dir).text
+
+    tests = sorted((demo / "test").rglob("*.png"))
+    rows = {row["path"]: row for row in predict_images(model_dir, [demo / "test"], tmp_path / "predictions")}
+    assert len(rows) == len(tests) and all(row["label"] in ("anomalous", "normal") for row in rows.values())
+    assert all((row["label"] == "anomalous") == (row["score"] >= threshold) for row in rows.values())
+    assert all(row["normalized_score"] is not None and (row["normalized_score"] >= 0.5) == (row["score"] >= threshold)
+               for row in rows.values())
+    with open(tmp_path / "predictions" / "predictions.csv") as handle:
+        assert [row["label"] for row in csv.DictReader(handle)] == [rows[str(path)]["label"] for path in tests]
+
+    detector = pipeline("anomaly-detection", model=str(model_dir))
+    for path, result in zip(tests, detector([str(p) for p in tests])):
+        assert result["label"] == (rows[str(path)]["label"] == "anomalous")
+        assert result["mask"] is not None and result["normalized_score"] == pytest.approx(rows[str(path)]["normalized_score"])
+
+    export(model_dir, model_dir / "onnx", "onnx")
+    runtime = PadimRuntime(model_dir / "onnx", "onnxruntime")
+    exported = json.loads((model_dir / "onnx" / "padim_export.json").read_text())
+    assert exported["image_threshold"] == threshold
+    graph = runtime.run(np.zeros((1, 3, 64, 64), dtype=np.float32))
+    assert "pred_label" in graph and "normalized_score" in graph
+    for path, result in zip(tests, runtime.predict([str(p) for p in tests])):
+        assert result["label"] == (result["score"] >= threshold) and result["mask"] is not None
+        assert result["score"] == pytest.approx(rows[str(path)]["score"], rel=0.02)
