@@ -5,7 +5,7 @@ For each data set and holdout fraction, fits the offline Lite0 preset on train/g
 with `calibrate(model, false_alarm_rate=R)` (the stored held-out scores; no refit) and counts the verdicts.
 
     python benchmarks/calibration_rates.py --data ../shared/data/real_defects/bottle \
-        ../shared/data/mvtec_ad_reduced/hazelnut --holdout 0.1 0.25 0.5 --rates 0.01 0.05 0.1 \
+        ../shared/data/mvtec_ad_reduced/hazelnut --spare-train 0 20 --holdout 0.1 0.25 0.5 --rates 0.01 0.05 0.1 \
         --output benchmarks/results/calibration_rates.json
 """
 
@@ -27,8 +27,7 @@ from padim_hf.metrics import auroc
 
 
 @torch.no_grad()
-def test_scores(model, processor, root: str) -> tuple[np.ndarray, np.ndarray]:
-    dataset = load_split(root, "test")
+def test_scores(model, processor, dataset) -> tuple[np.ndarray, np.ndarray]:
     scores, labels = [], []
     for batch in DataLoader(dataset, batch_size=8, collate_fn=Collator(processor)):
         scores.extend(model(batch["pixel_values"]).pred_score.tolist())
@@ -36,14 +35,18 @@ def test_scores(model, processor, root: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(scores), np.asarray(labels)
 
 
-def run(root: str, fraction: float, rates: list[float], image_size: int) -> list[dict]:
+def run(root: str, fraction: float, rates: list[float], image_size: int, spare: int) -> list[dict]:
     model = build_model("padim-lite0-offline", image_size=image_size)
+    train = training_split(root)
     started = time.perf_counter()
-    model = fit_padim(model, training_split(root), holdout_fraction=fraction, false_alarm_rate=rates[0],
-                      accelerator=make_accelerator(cpu=True), progress=False)
+    model = fit_padim(model, train.select(range(len(train) - spare)), holdout_fraction=fraction,
+                      false_alarm_rate=rates[0], accelerator=make_accelerator(cpu=True), progress=False)
     fit_seconds = time.perf_counter() - started
     processor = PadimImageProcessor.from_padim_config(model.config)
-    scores, labels = test_scores(model, processor, root)
+    scores, labels = test_scores(model, processor, load_split(root, "test"))
+    if spare:  # train/good images the fit never saw count as more test goods
+        more, _ = test_scores(model, processor, train.select(range(len(train) - spare, len(train))))
+        scores, labels = np.concatenate([scores, more]), np.concatenate([labels, np.zeros(len(more), int)])
     good, defect = scores[labels == 0], scores[labels == 1]
     held = np.asarray(model.config.calibration["scores"])
     rows = []
@@ -51,7 +54,7 @@ def run(root: str, fraction: float, rates: list[float], image_size: int) -> list
         record = calibrate(model, false_alarm_rate=rate).config.calibration
         threshold = record["image_threshold"]
         rows.append({
-            "data": Path(root).name, "holdout_fraction": fraction, "held_out": record["num_images"],
+            "data": Path(root).name + (f" (+{spare} spare train goods)" if spare else ""), "holdout_fraction": fraction, "held_out": record["num_images"],
             "train_images": model.config.num_train_images, "target_rate": rate, "estimable": record["estimable"],
             "expected_rate": record["expected_false_alarm_rate"], "threshold": threshold,
             "test_good": int(len(good)), "false_alarms": int((good >= threshold).sum()),
@@ -69,9 +72,13 @@ def main() -> None:
     parser.add_argument("--holdout", nargs="+", type=float, default=[0.1])
     parser.add_argument("--rates", nargs="+", type=float, default=[0.01, 0.05, 0.1])
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--spare-train", nargs="+", type=int, default=[0],
+                        help="per --data: last N train/good images left out of the fit and counted as test goods")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    rows = [row for root in args.data for fraction in args.holdout for row in run(root, fraction, args.rates, args.image_size)]
+    spares = args.spare_train * len(args.data) if len(args.spare_train) == 1 else args.spare_train
+    rows = [row for root, spare in zip(args.data, spares) for fraction in args.holdout
+            for row in run(root, fraction, args.rates, args.image_size, spare)]
     header = ("data", "holdout_fraction", "held_out", "target_rate", "expected_rate", "false_alarms", "test_good",
               "recall", "test_defects", "image_auroc", "held_out_median", "test_good_median")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))

@@ -47,7 +47,8 @@ class PadimOutput(ModelOutput):
         pred_score (`torch.FloatTensor` of shape `(batch_size,)`):
             Image anomaly score: the maximum of `anomaly_map`.
         pred_label (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
-            `pred_score >= config.image_threshold`, when evaluation has calibrated a threshold.
+            `pred_score >= config.image_threshold`, when the model has a threshold (set by the fit from held-out good
+            images, by `padim_hf.calibration.calibrate`, or by a labelled evaluation).
     """
 
     anomaly_map: torch.FloatTensor | None = None
