@@ -19,9 +19,11 @@ from padim_hf.cli import main as cli_main
 from padim_hf.data import load_split
 from padim_hf.fit import build_model, resolve_auto_image_size, training_split
 from padim_hf.image_processing_padim import load_image
+from padim_hf.predict import predict_images
 from padim_hf.resolution import parse_image_size, parse_size, resolve_image_size, training_image_sizes
 from padim_hf.runtime import PadimRuntime
 from tests.conftest import SHARED_DATA, require_shared, small_lite0_config
+from tests.test_space import SPACE_DIR, load_module
 
 COOKIE = SHARED_DATA / "real_defects" / "cookie"
 COOKIE_HEIGHT, COOKIE_WIDTH = 768, 576  # portrait
@@ -210,9 +212,7 @@ def test_non_square_model_maps_each_image_at_its_own_size_with_the_defect_where_
 def test_non_square_model_runs_through_predict_and_the_pipeline(cookie_model, cookie_test_images, tmp_path):
     cracked, _ = cookie_test_images
     paths = [row["path"] for row in cracked[:2]]
-    rows = json.loads(json.dumps(
-        __import__("padim_hf.predict", fromlist=["predict_images"]).predict_images(cookie_model, paths, tmp_path / "out")
-    ))
+    rows = predict_images(cookie_model, paths, tmp_path / "out")
     for row in rows:
         assert PIL.Image.open(row["heatmap"]).size == (COOKIE_WIDTH, COOKIE_HEIGHT)
     results = pipeline("anomaly-detection", model=str(cookie_model))(paths)
@@ -243,3 +243,13 @@ def test_non_square_exports_match_pytorch(cookie_model, cookie_test_images, engi
     for item, score in zip(result, reference.pred_score[:2].tolist()):
         assert item["anomaly_map"].shape == (COOKIE_HEIGHT, COOKIE_WIDTH)
         assert item["score"] == pytest.approx(score, rel=0.03)
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_space_shows_a_non_square_model_at_the_image_size(cookie_model, cookie_test_images, engine):
+    app = load_module(SPACE_DIR / "app.py", "padim_space_app_resolution")
+    detector = app.Detector.load(cookie_model, engine=engine)
+    cracked, _ = cookie_test_images
+    result = app.analyse(cracked[0]["path"], detector=detector)
+    assert result.mask.shape == (COOKIE_HEIGHT, COOKIE_WIDTH)  # the defect mask at the upload's own size
+    assert "128 x 96 px (height x width)" in app.model_card_markdown(detector)
