@@ -1,10 +1,10 @@
-"""`padim-hf`: fit, evaluate, predict, push, demo, benchmark, export."""
+"""`padim-hf`: fit, calibrate, evaluate, predict, push, demo, benchmark, export."""
 
 import argparse
 import logging
 import sys
 
-from . import benchmark, demo, evaluate, export, fit, predict
+from . import benchmark, calibration, demo, evaluate, export, fit, predict
 from .hub import HubPushError
 from .modeling_padim import NotFittedError
 
@@ -26,7 +26,7 @@ def push_main(argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "fit": fit.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
+    "fit": fit.main, "calibrate": calibration.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
     "benchmark": benchmark.main, "export": export.main,
 }
 # Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says what
