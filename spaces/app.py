@@ -122,6 +122,13 @@ def readable_upload_errors(component: gr.Image) -> gr.Image:
     return component
 
 
+def input_size_label(config) -> str:
+    """"256 x 192" for the model's input (height x width); a model saved by an older padim_hf has an int (a square)."""
+    size = config.input_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return f"{height} x {width}"
+
+
 def model_card_markdown(detector: Detector) -> str:
     """Backbone, training set and evaluation metrics of the loaded model, as Markdown."""
     config = detector.config
@@ -129,7 +136,7 @@ def model_card_markdown(detector: Detector) -> str:
     lines = [
         f"**Model** `{detector.source}`",
         f"- Backbone: `{config.backbone}` (stages {list(config.layers)}, {config.n_features} random channels)",
-        f"- Input size: {config.input_size} px",
+        f"- Input size: {input_size_label(config)} px (height x width)",
         f"- Trained on: {config.train_dataset or 'unknown'} ({config.num_train_images} defect-free images)",
     ]
     if thresholds.calibrated:
