@@ -286,7 +286,7 @@ def build_demo(space: "Space") -> gr.Blocks:
             )
             size = gr.Radio(
                 [(f"{px} px" + (" (default)" if px == fitting.DEFAULT_FIT_SIZE else ""), px) for px in fitting.FIT_SIZES],
-                value=fitting.DEFAULT_FIT_SIZE, label="Input size (larger: finer maps, slower fit)", elem_id="fit-size",
+                value=fitting.DEFAULT_FIT_SIZE, label="Input size: about N x N pixels, at your images' aspect ratio (larger: finer maps, slower fit)", elem_id="fit-size",
             )
             fit_button = gr.Button("Fit", variant="primary", elem_id="fit-button")
             fit_result = gr.Markdown(elem_id="fit-result")
@@ -395,7 +395,8 @@ class Space:
         thresholds = detector.thresholds()
         top = slider_maximum(thresholds)
         summary = (
-            f"**Fitted** on {len(images)} good images at {size} px in {took}.\n\n"
+            f"**Fitted** on {len(images)} good images at {input_size_label(detector.config)} px (height x width) "
+            f"in {took}.\n\n"
             f"**Held-out calibration:** {fitting.calibration_summary(detector)}\n\n"
             "Your detector now answers in the **Inspect** tab."
         )

@@ -454,7 +454,7 @@ def test_good_images_come_from_files_and_zips_alike(app, tmp_path):
         ("zip with other files", r"parts.zip: good/readme.md is not an image"),
         ("broken zip", r"broken.zip is not a zip file that can be opened"),
         ("empty zip", r"empty.zip holds no images"),
-        ("mixed aspect ratios", r"mixed aspect ratios: 10 images are 96x96 in shape, but fabric_1_00.png \(128x96\), "),
+        ("mixed aspect ratios", r"mixed aspect ratios: 96 x 96 \(10 images, e.g. fabric_0_00.png.*; 128 x 96 \(2 images: fabric_1_00.png, fabric_1_01.png\)"),
         ("huge", r"fabric_0_00.png is 96x96 pixels; images up to 0 megapixels are accepted"),
     ],
 )
@@ -488,6 +488,15 @@ def test_every_refused_upload_gets_a_message(app, tmp_path, monkeypatch, case, m
         monkeypatch.setattr(app.sys.modules["detector"], "MAX_PIXELS", 1000)
     with pytest.raises(fitting.UploadError, match=message):
         fitting.read_good_images(paths, app.decode)
+
+
+def test_a_fit_keeps_the_uploads_aspect_ratio(app, tmp_path):
+    """4:3 photos fit a 4:3 model at about the chosen pixel count (padim_hf's auto size), not a squashed square."""
+    images = app.fitting.read_good_images(write_images(tmp_path / "wide", 10, size=(128, 96)), app.decode)
+    detector = app.fitting.fit_detector(images, 128)
+    height, width = detector.config.image_size
+    assert width > height and abs(width / height - 4 / 3) < 0.1 and abs(height * width / 128**2 - 1) < 0.2
+    assert detector.config.image_threshold is not None and detector.config.calibration["num_images"] >= 5
 
 
 def test_a_zip_member_is_never_read_past_its_declared_size(app, tmp_path, monkeypatch):
@@ -847,7 +856,7 @@ def test_browser_fit_inspect_and_download(app, server, tmp_path):
         page.screenshot(path=str(shots / "1-uploaded.png"), full_page=True)
         page.locator("#fit-button").click()
         result = page.locator("#fit-result")
-        expect(result).to_contain_text("Fitted on 10 good images at 128 px", timeout=120_000)
+        expect(result).to_contain_text("Fitted on 10 good images at 128 x 128 px", timeout=120_000)
         (session,) = [s for key, s in fitted_sessions(app).items() if key not in before]
         config = session.detector.config
         assert config.num_train_images == 10 and config.input_size in (128, (128, 128), [128, 128])
