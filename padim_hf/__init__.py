@@ -37,6 +37,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "fit_padim": ("fit", "fit_padim"),
     "save_fitted": ("fit", "save_fitted"),
     "training_split": ("fit", "training_split"),
+    "calibrate": ("calibration", "calibrate"),
+    "describe_calibration": ("calibration", "describe_calibration"),
     "make_accelerator": ("fit", "make_accelerator"),
     # data, evaluation, prediction, export, Hub
     "load_split": ("data", "load_split"),
@@ -111,6 +113,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from .benchmark import run_benchmark
+    from .calibration import calibrate, describe_calibration
     from .configuration_padim import PadimConfig
     from .data import load_split
     from .demo import make_demo_dataset

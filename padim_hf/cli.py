@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("padim_hf.demo:main", "make a small synthetic dataset, then fit, evaluate and predict on it (no download)"),
     "fit": ("padim_hf.fit:main", "fit a model on good images (a folder or a Hub dataset) and save it"),
+    "calibrate": ("padim_hf.calibration:main", "set a model's threshold from good images at a target false-alarm rate"),
     "evaluate": ("padim_hf.evaluate:main", "measure AUROC/AUPRO/F1 on a labelled test split and set thresholds"),
     "predict": ("padim_hf.predict:main", "score images: heatmaps and predictions.csv/json"),
     "export": ("padim_hf.export:main", "export a fitted model to ONNX or OpenVINO (runs without PyTorch)"),

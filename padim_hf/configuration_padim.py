@@ -106,15 +106,20 @@ class PadimConfig(PreTrainedConfig):
             after saving). float16 halves the checkpoint (WR50-Rd550: 0.95 GB instead of 1.9 GB of Gaussian) and
             moves distances by ~1e-4 relative (image scores ~1e-4, pixel AUROC ~1e-6 on MVTec hazelnut, see
             BENCHMARKS.md); float32 also finalises in float64, for results exact to a float64 reference.
-        image_threshold, pixel_threshold (`float`, *optional*): F1-optimal thresholds on raw scores, set by evaluation.
-        score_min, score_max (`float`, *optional*): raw-score range used to normalise scores to [0, 1], set by
-            evaluation (the threshold maps to 0.5).
+        image_threshold, pixel_threshold (`float`, *optional*): thresholds on raw scores: set by the fit from held-out
+            good images at a target false-alarm rate (`padim_hf.calibration`), or F1-optimal ones by a labelled
+            evaluation.
+        score_min, score_max (`float`, *optional*): raw-score range used to normalise scores to [0, 1], set with the
+            thresholds (the image threshold maps to 0.5).
         num_train_images (`int`): images the Gaussian was fitted on (0: not fitted).
         train_dataset (`str`, *optional*): where the training images came from.
         metrics (`dict`, *optional*): evaluation results, e.g. `{"image_auroc": 0.98}`, with the dataset, split,
             number of images and protocol they were computed on.
-        calibration (`dict`, *optional*): where the thresholds and score range came from: dataset, split, fraction,
-            seed and the list of calibration images (left out of `metrics`).
+        calibration (`dict`, *optional*): where the thresholds and score range came from: `method` ("good-only
+            quantile" or "labelled F1"), `num_images`, `target_false_alarm_rate`, `achieved_false_alarm_rate`, and
+            per method the held-out good scores (good-only) or the dataset, split, fraction, seed and list of
+            calibration images (labelled, left out of `metrics`). `padim_hf.calibration.describe_calibration` says it
+            in words.
     """
 
     model_type = "padim"

@@ -32,6 +32,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .calibration import GOOD_ONLY, LABELLED_F1, describe_calibration
 from .data import Collator, dataset_shard, decode_image, drop_unreadable, load_split
 from .files import atomic_model_directory, atomic_write_text, without_local_paths
 from .fit import add_data_arguments, make_accelerator
@@ -48,7 +49,9 @@ PROTOCOLS = ("model", "original")
 class EvaluationResult:
     """Metrics of one evaluation (NaN where undefined, e.g. pixel metrics without masks) and its calibration.
 
-    Thresholds and `score_min`/`score_max` come from the calibration images only (None without them).
+    Thresholds and `score_min`/`score_max` come from the calibration images only; without them the thresholds are
+    the model's own (e.g. good-only ones from the fit, None if it has none) and the score range stays None.
+    `false_alarm_rate` and `recall` are the verdicts at that image threshold on the evaluated images.
     """
 
     image_auroc: float
@@ -65,6 +68,10 @@ class EvaluationResult:
     num_anomalous: int = 0
     num_calibration_images: int = 0
     calibration: dict | None = None
+    # The verdicts at the image threshold in force (the new one when calibrated here, else the model's own, e.g.
+    # good-only thresholds from the fit) on the evaluated images: share of good images flagged, of defects flagged.
+    false_alarm_rate: float | None = None
+    recall: float | None = None
     num_processes: int = 1
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -77,7 +84,10 @@ class EvaluationResult:
 
     def report(self) -> dict:
         """What the CLI prints: metrics, thresholds, and what they were computed on."""
-        keys = ("image_threshold", "pixel_threshold", "protocol", "num_images", "num_calibration_images", "num_processes")
+        keys = (
+            "image_threshold", "pixel_threshold", "false_alarm_rate", "recall", "protocol", "num_images",
+            "num_calibration_images", "num_processes",
+        )
         return self.metrics() | {key: getattr(self, key) for key in keys}
 
     def to_dict(self) -> dict:
@@ -301,10 +311,39 @@ def evaluate_padim(
         result.pixel_threshold = _finite_or_none(pixel_threshold)
         result.score_min, result.score_max = float(calibrated.scores.min()), float(calibrated.scores.max())
         result.num_calibration_images = len(calibrated.scores)
-        result.calibration = (calibration_info or {}) | {"num_images": len(calibrated.paths), "images": calibrated.paths}
+        result.calibration = (
+            labelled_calibration_record(result, calibrated.scores, calibrated.labels)
+            | (calibration_info or {})
+            | {"num_images": len(calibrated.paths), "images": calibrated.paths}
+        )
+    else:  # the model's own thresholds (good-only calibration at fit time, or an earlier evaluation)
+        result.image_threshold, result.pixel_threshold = model.config.image_threshold, model.config.pixel_threshold
+    result.false_alarm_rate, result.recall = verdict_rates(evaluated.scores, evaluated.labels, result.image_threshold)
     total = result.num_images + result.num_calibration_images
     result.images_per_second = total / seconds if seconds > 0 else float("nan")
     return result
+
+
+def verdict_rates(scores: np.ndarray, labels: np.ndarray, threshold: float | None) -> tuple[float | None, float | None]:
+    """(share of good images flagged, share of anomalous images flagged) at `threshold` (None where undefined)."""
+    if threshold is None:
+        return None, None
+    flagged = np.asarray(scores) >= threshold
+    good, anomalous = np.asarray(labels) == 0, np.asarray(labels) == 1
+    return (float(flagged[good].mean()) if good.any() else None, float(flagged[anomalous].mean()) if anomalous.any() else None)
+
+
+def labelled_calibration_record(result: EvaluationResult, calibration_scores: np.ndarray, calibration_labels: np.ndarray) -> dict:
+    """The `config.calibration` fields common to every calibration method, for labelled (F1) calibration."""
+    flagged, _ = verdict_rates(calibration_scores, calibration_labels, result.image_threshold)
+    return {
+        "method": LABELLED_F1,
+        "num_images": len(calibration_scores),
+        "num_good": int((calibration_labels == 0).sum()),
+        "num_anomalous": int((calibration_labels == 1).sum()),
+        "target_false_alarm_rate": None,  # F1-optimal: no rate is targeted
+        "achieved_false_alarm_rate": flagged,
+    }
 
 
 def relative_paths(paths: list[str], root: str | None) -> list[str]:
@@ -336,7 +375,13 @@ def record_evaluation(model: PadimModel, result: EvaluationResult, dataset: dict
         "protocol": result.protocol,
         "calibration_images_excluded": result.num_calibration_images,
     }
+    for key in ("false_alarm_rate", "recall"):  # verdicts at the threshold in force, on the evaluated images
+        if getattr(result, key) is not None:
+            config.metrics[key] = round(getattr(result, key), 6)
     if result.calibration is not None:
+        previous = config.calibration or {}
+        # Kept, so `calibrate` can go back to good-only thresholds at any rate without refitting.
+        good_only = previous if previous.get("method") == GOOD_ONLY else previous.get("good_only")
         config.image_threshold, config.pixel_threshold = result.image_threshold, result.pixel_threshold
         config.score_min, config.score_max = result.score_min, result.score_max
         source = calibration or dataset
@@ -344,6 +389,7 @@ def record_evaluation(model: PadimModel, result: EvaluationResult, dataset: dict
             "dataset": source,
             **{key: value for key, value in result.calibration.items() if key != "images"},
             "images": relative_paths(result.calibration["images"], source.get("name")),
+            **({"good_only": good_only} if good_only else {}),
         }
     # Stored (and published) as Hub ids and folder names: never a local absolute path (files.without_local_paths).
     config.metrics = without_local_paths(config.metrics)
@@ -457,11 +503,18 @@ def evaluate(args: argparse.Namespace) -> dict:
     record_evaluation(model, result, described, calibration_source)
     if not args.no_save and accelerator.is_main_process:
         save_evaluation(model, processor, dataset, result, args.model, args.output_dir)
-    if result.calibration is None and accelerator.is_main_process:
-        print(
-            "note: no calibration images (--calibration-split or --calibration-fraction): no thresholds were set",
-            file=sys.stderr,
-        )
+    if accelerator.is_main_process:
+        if result.calibration is not None:
+            replaced = "replaced the model's good-only thresholds (kept in calibration.good_only)" if "good_only" in (
+                model.config.calibration or {}) else "set the thresholds"
+            print(f"note: labelled calibration on {result.num_calibration_images} images {replaced}", file=sys.stderr)
+        elif result.image_threshold is None:
+            print(
+                "note: the model has no threshold and no calibration images were given (--calibration-split or "
+                "--calibration-fraction): verdicts are not evaluated", file=sys.stderr,
+            )
+        else:
+            print(f"note: verdicts at the model's own threshold: {describe_calibration(model.config)}", file=sys.stderr)
     return result.report()
 
 

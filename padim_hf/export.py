@@ -4,7 +4,7 @@ An export folder holds the graph (`model.onnx` [+ `model.onnx.data`] or `model.x
 `padim_export.json`: the image processor's settings and the calibrated thresholds, so the runtime side needs nothing
 from padim_hf. The graph takes `pixel_values` (batch, 3, S, S), batch dynamic, and returns `anomaly_map`
 (batch, 1, S, S) and `pred_score` (batch,), plus `pred_label` (batch,) when the model has an image threshold and
-`normalized_score` (batch,) when evaluation recorded a score range.
+`normalized_score` (batch,) when calibration recorded a score range.
 """
 
 import argparse

@@ -6,6 +6,7 @@ place onto the main process, which alone factorises and writes the model directo
 """
 
 import argparse
+import heapq
 import importlib.resources
 import itertools
 import logging
@@ -25,6 +26,19 @@ from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import IterableDataset as TorchIterableDataset
 from tqdm.auto import tqdm
 
+from .calibration import (
+    DEFAULT_FALSE_ALARM_RATE,
+    DEFAULT_HOLDOUT_FRACTION,
+    MAX_HOLDOUT_IMAGES,
+    MIN_HOLDOUT_IMAGES,
+    apply_calibration,
+    describe_calibration,
+    good_only_calibration,
+    holdout_size,
+    score_batches,
+    selection_key,
+    warn_if_not_estimable,
+)
 from .configuration_padim import PadimConfig
 from .data import contiguous_shard, dataset_shard, decode_image, drop_unreadable, load_split
 from .files import atomic_model_directory, check_replaceable, dataset_reference
@@ -227,11 +241,25 @@ class _ImageStream(TorchIterableDataset):
         start, step = self.start + self.step * worker_id, self.step * workers
         for index, item in zip(itertools.count(self.first + start, step), itertools.islice(self.items, start, None, step)):
             if isinstance(item, Mapping):
-                yield dict(item)
+                yield {**item, "_index": index}
             elif isinstance(item, (str, Path)):
-                yield {"image": {"path": str(item), "bytes": None}, "path": str(item)}
+                yield {"image": {"path": str(item), "bytes": None}, "path": str(item), "_index": index}
             else:
-                yield {"image": item, "path": f"item {index}"}
+                yield {"image": item, "path": f"item {index}", "_index": index}
+
+
+class _IndexedRows(torch.utils.data.Dataset):
+    """A process's contiguous shard of a Dataset whose rows carry their index in the whole Dataset (`_index`), which
+    decides the held-out images whatever the number of processes."""
+
+    def __init__(self, shard: Dataset, first: int):
+        self.shard, self.first = shard, first
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.shard[index], "_index": self.first + index}
 
 
 def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDataset | TorchIterableDataset:
@@ -242,7 +270,7 @@ def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDatase
         if columns and "image" not in columns:
             raise ValueError(f"the dataset has no 'image' column; columns: {columns} (see padim_hf.data for the layout)")
         if isinstance(data, Dataset):
-            return dataset_shard(data, rank, world)
+            return _IndexedRows(dataset_shard(data, rank, world), contiguous_shard(len(data), rank, world)[0])
         return split_dataset_by_node(data, rank=rank, world_size=world) if world > 1 else data
     if isinstance(data, (str, Path)) or not isinstance(data, Iterable):
         raise TypeError(
@@ -255,21 +283,59 @@ def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDatase
     return _ImageStream(data, start=rank, step=world)
 
 
+class _Holdout:
+    """Which rows are candidates for the held-out calibration images, and how many are kept.
+
+    Every row gets a seeded key in [0, 1) (`calibration.selection_key`: from its global index, or its content in a
+    stream); rows with a key below `below` are candidates and the `capacity` candidates with the smallest keys are
+    held out. So the choice depends on the seed and the data only, not on the processes or the order of reading.
+    """
+
+    def __init__(self, seed: int, below: float, capacity: int, source: dict):
+        self.seed, self.below, self.capacity, self.source = seed, below, capacity, source
+
+    def key(self, row: Mapping) -> float | None:
+        key = selection_key(self.seed, row)
+        return key if key < self.below else None
+
+
 class _FitCollator:
-    """Training rows -> pixel values; a row labelled anomalous is an error (it would silently widen the Gaussian)."""
+    """Training rows -> pixel values (and each row's holdout key, None for rows that are not candidates); a row
+    labelled anomalous is an error (it would silently widen the Gaussian)."""
 
-    def __init__(self, processor: PadimImageProcessor):
-        self.processor = processor
+    def __init__(self, processor: PadimImageProcessor, holdout: _Holdout | None = None):
+        self.processor, self.holdout = processor, holdout
 
-    def __call__(self, rows: list[dict]) -> Any:
-        images = []
+    def __call__(self, rows: list[dict]) -> dict:
+        images, keys = [], []
         for row in rows:
             name = row.get("path") or "an image"
             if row.get("label") not in (None, 0):
                 raise ValueError(f"{name} is labelled anomalous (label {row['label']}): fit on good images only")
+            keys.append(self.holdout.key(row) if self.holdout is not None else None)
             image = row.get("image")
             images.append(decode_image(image, name) if isinstance(image, Mapping) or image is None else image)
-        return self.processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": self.processor(images, return_tensors="pt")["pixel_values"], "keys": keys}
+
+
+class _HeldOut:
+    """The (at most `capacity`) candidate images with the smallest keys seen so far, as CPU pixel values."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.heap, self.counter = capacity, [], itertools.count()
+
+    def offer(self, key: float, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """Keeps the image if its key is among the smallest; returns the image that is not kept (or None)."""
+        entry = (-key, next(self.counter), pixel_values.cpu())
+        if len(self.heap) < self.capacity:
+            heapq.heappush(self.heap, entry)
+            return None
+        if entry[0] > self.heap[0][0]:  # smaller key than the largest kept one
+            return heapq.heapreplace(self.heap, entry)[2]
+        return pixel_values
+
+    def items(self) -> list[tuple[float, torch.Tensor]]:
+        return [(-negative, pixel_values) for negative, _, pixel_values in self.heap]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,8 +352,13 @@ def fit_padim(
     accelerator: Accelerator | None = None,
     allow_random_backbone: bool = False,
     progress: bool = True,
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION,
+    calibration_data: Dataset | IterableDataset | Iterable | None = None,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    holdout_seed: int = 0,
 ) -> PadimModel:
-    """Fits the per-position Gaussians of `model` on defect-free images; returns the model.
+    """Fits the per-position Gaussians of `model` on defect-free images and sets its thresholds from good images
+    alone (see `padim_hf.calibration`); returns the model.
 
     Args:
         model: a PadimModel with loaded backbone weights (see `build_model`), or a PadimConfig (its backbone then
@@ -301,12 +372,21 @@ def fit_padim(
             there is one; under torchrun on CPUs the processes cooperate over gloo).
         allow_random_backbone: fit even though the backbone has timm's random initialisation.
         progress: a progress bar on the local main process.
+        holdout_fraction: share of the good images held out for calibration (at least 5, at most 500, never more
+            than the images left; a Dataset or list of fewer than 10 images holds none out, with a warning, and the
+            model gets no threshold). The held-out images are the ones with the smallest seeded hash of their row
+            index (`holdout_seed`), or of their content in a stream, where the fraction is approximate; the choice
+            is the same whatever the number of processes. They are scored against the Gaussian of the other
+            images, then added to it: the Gaussian is fitted on every image. 0: no calibration.
+        calibration_data: good images to calibrate on instead of a holdout (same kinds as `data`); they are also
+            added to the Gaussian after being scored.
+        false_alarm_rate: the target share of good parts flagged as defective (see `padim_hf.calibration`).
 
     Several processes: each fits its own shard; the exact shifted sums are reduced in place onto the main process,
-    which alone factorises. The reduction is the last collective operation: no process waits on another after it,
-    so the main process may save and push for as long as it takes. Only the main process gets the fitted model;
-    the others get `model` back with no Gaussian (`config.num_train_images == 0`) and should not use it; pass
-    them to `save_fitted` anyway, which writes nothing there.
+    which alone factorises (held-out images are gathered there first). The reduction is the last collective
+    operation: no process waits on another after it, so the main process may save and push for as long as it takes.
+    Only the main process gets the fitted model; the others get `model` back with no Gaussian
+    (`config.num_train_images == 0`) and should not use it; pass them to `save_fitted` anyway, which writes nothing.
 
     Example:
 
@@ -317,6 +397,10 @@ def fit_padim(
     # or any images: fit_padim(model, ["good/001.png", "good/002.png", ...]) or a list of PIL images
     ```
     """
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    if not 0 < false_alarm_rate < 1:
+        raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
     if isinstance(model, PadimConfig):
         model = build_model(model)
     accelerator = accelerator or make_accelerator()
@@ -329,18 +413,30 @@ def fit_padim(
     # Devices without float64 (MPS) run the backbone; the statistics and their float64 steps stay on the CPU.
     statistics_device = device if supports_float64(device) else torch.device("cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
-    share = _process_share(data, rank, world)
-    loader = DataLoader(share, batch_size=batch_size, collate_fn=_FitCollator(processor), num_workers=num_workers)
-    total = len(share) if hasattr(share, "__len__") and not isinstance(share, TorchIterableDataset) else None
+    data_holdout, calibration_holdout = _holdout_plan(data, holdout_fraction, calibration_data, holdout_seed)
+    loaders = [_fit_loader(data, rank, world, processor, data_holdout, batch_size, num_workers)]
+    if calibration_data is not None:
+        loaders.append(_fit_loader(calibration_data, rank, world, processor, calibration_holdout, batch_size, num_workers))
+    holdout = data_holdout or calibration_holdout
+    held = _HeldOut(holdout.capacity if holdout is not None else 0)
+    totals = [len(loader.dataset) if hasattr(loader.dataset, "__len__") and not isinstance(loader.dataset, TorchIterableDataset) else None for loader in loaders]
+    total = None if None in totals else sum(totals)
     bar = tqdm(total=total, unit="img", desc=f"fit [{device}]", disable=not (progress and accelerator.is_local_main_process))
     seen = 0
 
     def pixel_batches() -> Iterator[torch.Tensor]:
         nonlocal seen
-        for pixel_values in loader:
-            yield pixel_values.to(device)
-            seen += len(pixel_values)
-            bar.update(len(pixel_values))
+        for loader in loaders:
+            for batch in loader:
+                pixel_values, keys = batch["pixel_values"], batch["keys"]
+                if any(key is not None for key in keys):
+                    kept = [held.offer(key, image) if key is not None else image for key, image in zip(keys, pixel_values)]
+                    kept = [image for image in kept if image is not None]
+                    pixel_values = torch.stack(kept) if kept else None
+                seen += len(keys)
+                bar.update(len(keys))
+                if pixel_values is not None:
+                    yield pixel_values.to(device)
 
     with accelerator.autocast():
         statistics = model.collect_statistics(
@@ -348,12 +444,98 @@ def fit_padim(
         )
     bar.close()
     logger.info("process %d/%d (%s, %s): %d images", rank, world, accelerator.distributed_type, device, seen)
+    candidates = _gather_candidates(held.items(), accelerator)
     shape = (model.grid_size**2, model.config.n_features)
     statistics = reduce_statistics(statistics, accelerator, shape, device=statistics_device)
     # No collective after this point (see the docstring): non-main processes return at once.
-    if statistics is not None:
-        model.set_gaussian(statistics, release_statistics=True)
+    if not accelerator.is_main_process:
+        return model
+    with accelerator.autocast():
+        _finalise(model, statistics, candidates, holdout, false_alarm_rate, batch_size, device, statistics_device)
     return model
+
+
+def _holdout_plan(
+    data: Any, fraction: float, calibration_data: Any, seed: int
+) -> tuple["_Holdout | None", "_Holdout | None"]:
+    """(holdout of `data`, holdout of `calibration_data`): which rows may be held out and how many."""
+    if calibration_data is not None:
+        size = len(calibration_data) if isinstance(calibration_data, (Dataset, Sequence)) else None
+        source = {"kind": "calibration_data", **({"num_images": size} if size is not None else {})}
+        return None, _Holdout(seed, 1.0, MAX_HOLDOUT_IMAGES, source)
+    if fraction == 0:
+        return None, None
+    source = {"kind": "holdout", "fraction": fraction, "seed": seed}
+    if isinstance(data, (Dataset, Sequence)) and not isinstance(data, (str, bytes)):
+        count = holdout_size(len(data), fraction)
+        if count == 0:
+            logger.warning(
+                "calibration: %d training images are too few to hold out %d for calibration (at least %d needed): the "
+                "model gets no threshold; pass calibration_data (--calibration-data) or run padim-hf calibrate "
+                "--good-images later", len(data), MIN_HOLDOUT_IMAGES, 2 * MIN_HOLDOUT_IMAGES,
+            )
+            return None, None
+        return _Holdout(seed, 1.0, count, {**source, "num_training_images": len(data)}), None
+    # A stream of unknown length: each image is a candidate with probability `fraction` (its seeded content hash).
+    return _Holdout(seed, fraction, MAX_HOLDOUT_IMAGES, {**source, "selection": "seeded hash of each image"}), None
+
+
+def _fit_loader(data, rank: int, world: int, processor, holdout, batch_size: int, num_workers: int) -> DataLoader:
+    share = _process_share(data, rank, world)
+    return DataLoader(share, batch_size=batch_size, collate_fn=_FitCollator(processor, holdout), num_workers=num_workers)
+
+
+def _gather_candidates(items: list[tuple[float, torch.Tensor]], accelerator: Accelerator) -> list[tuple[float, torch.Tensor]]:
+    """Every process's held-out candidates on the main process (key order); [] on the others."""
+    if accelerator.num_processes > 1:
+        gathered = [None] * accelerator.num_processes if accelerator.is_main_process else None
+        dist.gather_object(items, gathered, dst=0)
+        if not accelerator.is_main_process:
+            return []
+        items = [item for part in gathered for item in part]
+    return sorted(items, key=lambda item: item[0])
+
+
+def _finalise(model, statistics, candidates, holdout, false_alarm_rate, batch_size, device, statistics_device) -> None:
+    """On the main process: score the held-out images against the Gaussian of the others, add them, finalise once.
+
+    `candidates` (key order) beyond the holdout's capacity are images that were held out on their own process but
+    are not among the global smallest keys: they belong to the Gaussian of the others.
+    """
+    chosen = candidates[: holdout.capacity] if holdout is not None else []
+    others = [image for _, image in candidates[len(chosen):]]
+
+    def batches(images: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for start in range(0, len(images), batch_size):
+            yield torch.stack(images[start : start + batch_size]).to(device)
+
+    if others:
+        statistics = model.collect_statistics(batches(others), statistics=statistics, statistics_device=statistics_device)
+    images = [image for _, image in chosen]
+    fitted = statistics.count if statistics is not None else 0
+    minimum = 1 if holdout is not None and holdout.source["kind"] == "calibration_data" else MIN_HOLDOUT_IMAGES
+    record = None
+    if holdout is not None and len(images) >= minimum and fitted >= (1 if minimum == 1 else len(images)):
+        model.set_gaussian(statistics)  # the Gaussian of the other images; the statistics are kept
+        scores, pixels = score_batches(model, batches(images))
+        record = good_only_calibration(scores, false_alarm_rate, pixels, source=holdout.source)
+        record["scored_against"] = f"the Gaussian of the other {fitted} images"
+    elif holdout is not None:
+        logger.warning(
+            "calibration: %d images held out and %d left for the Gaussian: too few to calibrate, so all of them "
+            "went into the Gaussian and the model gets no threshold", len(images), fitted,
+        )
+    if images:
+        statistics = model.collect_statistics(batches(images), statistics=statistics, statistics_device=statistics_device)
+    model.set_gaussian(statistics, release_statistics=True)
+    if record is not None:
+        apply_calibration(model.config, record)
+        warn_if_not_estimable(record)
+        logger.info("calibration: %s", describe_calibration(model.config))
+    else:  # thresholds of an earlier Gaussian would not fit this one
+        model.config.image_threshold = model.config.pixel_threshold = None
+        model.config.score_min = model.config.score_max = None
+        model.config.calibration = None
 
 
 def reduce_statistics(
@@ -469,6 +651,23 @@ def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """Good-only calibration at fit time (see padim_hf.calibration)."""
+    parser.add_argument(
+        "--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
+        help="target share of good parts flagged as defective, set from held-out good images",
+    )
+    parser.add_argument(
+        "--holdout-fraction", type=float, default=DEFAULT_HOLDOUT_FRACTION,
+        help="share of the good training images scored for calibration, then added to the Gaussian (at least 5, "
+        "at most 500 images; 0: no thresholds)",
+    )
+    parser.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out choice")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--calibration-split", help="calibrate on the good images of this split of --data instead")
+    group.add_argument("--calibration-data", help="calibrate on the good images of this folder or dataset instead")
+
+
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="padim-lite0-offline",
                         help="preset (padim-lite0-offline, padim-r18-rd100, padim-wr50-rd550, padim-effb5) or a YAML file")
@@ -487,10 +686,25 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
                         help="run the backbone in half precision (GPUs); the statistics stay float32")
     add_config_override_arguments(parser)
+    add_calibration_arguments(parser)
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="then push the model to this Hub repo (see padim-hf push)")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     parser.add_argument("--revision", help="with --push-to-hub: branch to push to (default: main)")
     parser.add_argument("--token", help="Hub write token (default: HF_TOKEN or `hf auth login`)")
+
+
+def calibration_images(source: str, split: str, args: argparse.Namespace) -> Dataset | IterableDataset:
+    """The good images of `split` of `source` (a folder of images, an MVTec-style folder, a dataset) for calibration."""
+    path = Path(source)
+    if path.is_dir() and not (path / split).is_dir() and not (path / "dataset_info.json").is_file():
+        from .data import image_list
+
+        images = image_list([path])  # a plain folder of images, good by the user's word (unlabelled: -1)
+        return images.remove_columns("label").add_column("label", [0] * len(images))
+    return training_split(
+        source, split, streaming=args.streaming, skip_unreadable=args.skip_unreadable, config=args.hub_config,
+        image_column=args.image_column, mask_column=args.mask_column, label_column=args.label_column,
+    )
 
 
 def fit(args: argparse.Namespace) -> Path | None:
@@ -510,17 +724,27 @@ def fit(args: argparse.Namespace) -> Path | None:
         args.data, args.split, streaming=args.streaming, skip_unreadable=args.skip_unreadable, config=args.hub_config,
         image_column=args.image_column, mask_column=args.mask_column, label_column=args.label_column,
     )
+    calibration_data = None
+    if args.calibration_split or args.calibration_data:
+        if args.calibration_split == args.split:
+            raise ValueError(f"--calibration-split {args.split} is the training split: hold out part of it instead")
+        calibration_data = calibration_images(args.calibration_data or args.data, args.calibration_split or "train", args)
     started = time.perf_counter()
     model = fit_padim(
         model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
-        allow_random_backbone=args.allow_random_backbone,
+        allow_random_backbone=args.allow_random_backbone, holdout_fraction=args.holdout_fraction,
+        calibration_data=calibration_data, false_alarm_rate=args.false_alarm_rate, holdout_seed=args.holdout_seed,
     )
     if not accelerator.is_main_process:
         return None  # no barrier: the main process may take as long as it needs to save and push
     source = dataset_reference(args.data)  # a folder name or Hub id: never an absolute local path
     model.config.train_dataset = source if args.split == "train" else f"{source} ({args.split})"
+    if calibration_data is not None and model.config.calibration is not None:
+        calibration_source = dataset_reference(args.calibration_data or args.data)
+        model.config.calibration["source"].update(name=calibration_source, split=args.calibration_split)
     output = save_fitted(model, args.output_dir, overwrite=args.overwrite, main_process=True)
     print(f"fitted on {model.config.num_train_images} images in {time.perf_counter() - started:.1f} s -> {output}")
+    print(describe_calibration(model.config))
     if args.push_to_hub:
         from .hub import push_model
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .calibration import GOOD_ONLY, describe_calibration
 from .configuration_padim import PadimConfig
 from .files import dataset_reference, without_local_paths
 
@@ -166,8 +167,34 @@ def evaluation_section(config: PadimConfig) -> str:
     )
 
 
+def verdict_section(config: PadimConfig) -> str:
+    """What `label` / `pred_label` mean for this model, in words (`padim_hf.calibration.describe_calibration`)."""
+    text = describe_calibration(config)
+    calibration = config.calibration or {}
+    record = calibration if calibration.get("method") == GOOD_ONLY else calibration.get("good_only")
+    if record and record.get("scores"):
+        text += (
+            f"\n\nThe {record['num_images']} held-out good scores are stored in `config.json` "
+            "(`calibration.scores`): `padim-hf calibrate --model DIR --false-alarm-rate 0.005` moves the threshold to "
+            "another rate without refitting, `--good-images DIR` recalibrates on new good images from the line."
+        )
+    metrics = config.metrics or {}
+    if metrics.get("false_alarm_rate") is not None or metrics.get("recall") is not None:
+        dataset = metrics.get("dataset") or {}
+        where = f"split `{dataset.get('split') or 'test'}` of {dataset_label(dataset.get('name') or config.train_dataset)}"
+        parts = []
+        if metrics.get("false_alarm_rate") is not None:
+            parts.append(f"flagged {metrics['false_alarm_rate']:.1%} of the good images")
+        if metrics.get("recall") is not None:
+            parts.append(f"{metrics['recall']:.1%} of the defective ones")
+        text += f"\n\nOn {where}, this threshold {' and '.join(parts)}."
+    return "## Verdicts\n\n" + text
+
+
 def calibration_text(config: PadimConfig) -> str:
     """Which images chose the thresholds and score range, and that the metrics above exclude them."""
+    if (config.calibration or {}).get("method") == GOOD_ONLY:
+        return "Thresholds: good-only calibration (see Verdicts below); no test image chose them."
     thresholds = [f"image threshold {config.image_threshold:.4g}" if config.image_threshold is not None else None,
                   f"pixel threshold {config.pixel_threshold:.4g}" if config.pixel_threshold is not None else None]
     listed = ", ".join(t for t in thresholds if t)
@@ -296,6 +323,7 @@ def build_model_card(
         training_section(config),
         configuration_section(config),
         evaluation_section(config),
+        verdict_section(config),
         gallery_section(has_gallery),
         usage_section(repo_id or "path/to/model"),
         deployment_section(repo_id or "path/to/model", list(exports or [])),

@@ -60,7 +60,8 @@ class PadimOutput(ModelOutput):
         pred_score (`torch.FloatTensor` of shape `(batch_size,)`):
             Image anomaly score: the maximum of `anomaly_map`.
         pred_label (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
-            `pred_score >= config.image_threshold`, when evaluation has calibrated a threshold.
+            `pred_score >= config.image_threshold`, when the model has a threshold (set by the fit from held-out good
+            images, by `padim_hf.calibration.calibrate`, or by a labelled evaluation).
     """
 
     anomaly_map: torch.FloatTensor | None = None
@@ -523,8 +524,13 @@ class PadimModel(PadimPreTrainedModel):
             raise ValueError("no training images were accumulated: the training set is empty")
         mean = statistics.mean()
         # Finalised where the statistics are (the CPU for a model on MPS); set_ moves the result to the model.
-        out = statistics.shifted_outer if release_statistics else None
         storage = getattr(torch, self.config.covariance_storage)
+        # Kept statistics (a calibrating fit scores held-out images, then adds them): the factor goes straight into
+        # its storage dtype, so finalising needs one float16 factor more, not a float32 one.
+        positions, channels = statistics.shift.shape
+        out = statistics.shifted_outer if release_statistics else LowerBlockRows.zeros(
+            positions, channels, dtype=storage, device=mean.device
+        )
         # float16 storage rounds W far more than a float32 factorisation does: only float32 storage needs float64.
         precision = torch.float64 if storage == torch.float32 else torch.float32
         with torch.autocast(mean.device.type, enabled=False):  # a caller's autocast must not touch the factorisation

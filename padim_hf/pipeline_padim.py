@@ -69,7 +69,7 @@ def load_exported_runtime(name_or_path: str, engine: str, precision: str = "floa
 
 def normalized_score(score: float, config) -> float | None:
     """`score` in [0, 1] with the calibrated image threshold at 0.5 (padim_hf.postprocess.normalized_score; repeated
-    here because this file cannot import padim_hf), or None when the model has not been evaluated."""
+    here because this file cannot import padim_hf), or None when the model has no threshold and score range."""
     if None in (config.image_threshold, config.score_min, config.score_max):
         return None
     spread = max(config.score_max - config.score_min, 1e-12)
@@ -82,7 +82,7 @@ class AnomalyDetectionPipeline(Pipeline):
     Each image gives a dict:
         - `score` (`float`): the image anomaly score (maximum of the model's anomaly map).
         - `normalized_score` (`float` or `None`): `score` mapped to [0, 1] with the image threshold at 0.5, from the
-          score range evaluation recorded (`None` before evaluation); as `padim-hf predict` reports it.
+          score range calibration recorded (`None` without one); as `padim-hf predict` reports it.
         - `label` (`bool` or `None`): `score >= config.image_threshold`; `None` when no threshold is calibrated.
         - `anomaly_map` (`np.ndarray` of shape `(height, width)`, float32): per-pixel scores at the image's
           original size (the image processor's `post_process_anomaly_maps`).

@@ -9,7 +9,7 @@ from .configuration_padim import PadimConfig
 
 def normalized_score(score: float | np.ndarray, config: PadimConfig) -> float | np.ndarray | None:
     """Score in [0, 1] with the calibrated image threshold at 0.5 (anomalib's min-max convention), or None
-    when the model has not been evaluated."""
+    when the model has no threshold and score range."""
     if None in (config.image_threshold, config.score_min, config.score_max):
         return None
     spread = max(config.score_max - config.score_min, 1e-12)

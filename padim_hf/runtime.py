@@ -148,7 +148,7 @@ class PadimRuntime:
         return np.asarray(resized, dtype=np.float32)
 
     def predict(self, images, image_threshold: float | None = None, pixel_threshold: float | None = None) -> list[dict]:
-        """Per image: `score`, `normalized_score` (None before evaluation), `label` (None without a threshold),
+        """Per image: `score`, `normalized_score` (None without calibration), `label` (None without a threshold),
         `anomaly_map` at the image's size and `mask` (None without a pixel threshold). Thresholds default to the
         calibrated ones."""
         if not isinstance(images, (list, tuple)):

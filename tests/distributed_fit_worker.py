@@ -53,7 +53,8 @@ def run(spec: dict) -> None:
         if job.get("slow_main_seconds"):  # the main process's factorisation (a WR50 one, a push) takes a while
             finalise = model.set_gaussian
             model.set_gaussian = lambda *a, **k: (time.sleep(job["slow_main_seconds"]), finalise(*a, **k))[1]
-        model = fit_padim(model, data_of(job), batch_size=2, accelerator=accelerator, progress=False)
+        options = job.get("fit_options", {})  # e.g. holdout_fraction: good-only calibration (tests/test_calibration.py)
+        model = fit_padim(model, data_of(job), batch_size=2, accelerator=accelerator, progress=False, **options)
         save_fitted(model, job["output"])
         returned = time.time()
         (rank, world, distributed_type, device, images), = log.lines

@@ -16,7 +16,7 @@ from padim_hf import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The functions a user calls; each docstring shows a runnable example.
-API_FUNCTIONS = ["build_model", "fit_padim", "save_fitted", "training_split", "load_split", "load_fitted",
+API_FUNCTIONS = ["build_model", "fit_padim", "save_fitted", "training_split", "calibrate", "load_split", "load_fitted",
                  "evaluate_padim", "save_evaluation", "predict_images", "export_model", "push", "register"]
 HEAVY_MODULES = ("torch", "transformers", "timm", "datasets", "accelerate")
 
