@@ -325,3 +325,43 @@ def test_real_sets_false_alarms_stay_within_what_the_held_out_count_allows_and_d
     n, k = record["num_images"], record["rank"]
     assert false_alarms <= betabinom.ppf(0.999, len(good), n + 1 - k, k), (false_alarms, len(good), n, k)
     assert recall >= RECALL_FLOOR[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate and the good-only thresholds
+
+
+def test_evaluate_reports_the_verdicts_of_the_good_only_threshold_and_labelled_calibration_replaces_it(
+    calibrated, demo_data, tmp_path, capsys
+):
+    from padim_hf.cli import main
+    from padim_hf.data import load_split
+    from padim_hf.evaluate import evaluate_padim
+
+    model_dir = save_fitted(calibrated, tmp_path / "model")
+    model = PadimModel.from_pretrained(model_dir)
+    good_only = model.config.calibration
+    threshold = model.config.image_threshold
+    test = load_split(str(demo_data), "test")
+    result = evaluate_padim(model, test, accelerator=make_accelerator(cpu=True), progress=False)
+    scores, labels = np.asarray(result.scores), np.asarray(test["label"])
+    assert result.image_threshold == threshold and result.calibration is None
+    assert result.false_alarm_rate == pytest.approx((scores[labels == 0] >= threshold).mean())
+    assert result.recall == pytest.approx((scores[labels == 1] >= threshold).mean())
+
+    main(["evaluate", "--model", str(model_dir), "--data", str(demo_data), "--cpu", "--json"])
+    saved = json.loads((model_dir / "config.json").read_text())
+    assert saved["calibration"] == json.loads(json.dumps(good_only)) and saved["image_threshold"] == threshold
+    assert saved["metrics"]["false_alarm_rate"] == pytest.approx(result.false_alarm_rate)
+    assert "verdicts at the model's own threshold: Flags about 1 in 6" in capsys.readouterr().err
+
+    main(["evaluate", "--model", str(model_dir), "--data", str(demo_data), "--cpu", "--calibration-fraction", "0.5"])
+    assert "labelled calibration on 5 images replaced the model's good-only thresholds" in capsys.readouterr().err
+    labelled = PadimModel.from_pretrained(model_dir)
+    record = labelled.config.calibration
+    assert record["method"] == "labelled F1" and record["num_images"] == 5 and record["target_false_alarm_rate"] is None
+    assert record["good_only"] == json.loads(json.dumps(good_only)) and labelled.config.image_threshold != threshold
+    assert describe_calibration(labelled.config).startswith("F1-optimal threshold")
+    # Back to good-only thresholds at any rate, without refitting or new images.
+    calibrate(labelled)
+    assert labelled.config.image_threshold == threshold and labelled.config.calibration["method"] == GOOD_ONLY
