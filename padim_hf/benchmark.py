@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 
 from .data import is_mvtec_folder, load_split
 from .evaluate import PROTOCOLS, evaluate_padim, record_evaluation
-from .fit import CONFIG_FIELDS, add_config_override_arguments, build_model, fit_padim, make_accelerator, save_fitted, training_split
+from .fit import (
+    CONFIG_FIELDS,
+    add_config_override_arguments,
+    build_model,
+    fit_padim,
+    make_accelerator,
+    resolve_auto_image_size,
+    save_fitted,
+    training_split,
+)
 
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max", "fit_seconds", "images_per_second")
 HEADERS = {
@@ -84,10 +93,12 @@ def run_category(
 ) -> dict:
     """Fits, evaluates and saves one category; returns its row."""
     data = root / category
+    train = training_split(str(data), "train")
+    overrides = resolve_auto_image_size(preset, train, overrides)  # "auto": this category's own aspect ratio
     model = build_model(preset, backbone_weights=backbone_weights, allow_random_backbone=allow_random_backbone, **overrides)
     started = time.perf_counter()
     model = fit_padim(
-        model, training_split(str(data), "train"), batch_size=batch_size, num_workers=num_workers,
+        model, train, batch_size=batch_size, num_workers=num_workers,
         accelerator=accelerator, allow_random_backbone=allow_random_backbone, progress=False,
     )
     fit_seconds = time.perf_counter() - started

@@ -1,6 +1,7 @@
 """PaDiM model configuration."""
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import timm
@@ -34,6 +35,34 @@ def draw_feature_indices(n_embedding: int, n_features: int, seed: int) -> list[i
     return sorted(torch.randperm(n_embedding, generator=generator)[:n_features].tolist())
 
 
+def height_width(size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of a size given as one side (a square) or as [height, width]."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def check_size(size, name: str) -> int | list[int]:
+    """`size` as stored in config.json: an int stays an int (square; existing checkpoints load unchanged), a pair
+    becomes [height, width]. Anything else (bools, floats, one or three sides, zero or negative sides) is an error."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"{name} must be positive, got {size}")
+        return size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+        if min(size) < 1:
+            raise ValueError(f"{name} sides must be positive, got {list(size)}")
+        return [int(size[0]), int(size[1])]
+    raise ValueError(f"{name} must be an int (a square) or [height, width], got {size!r}")
+
+
+def format_size(size: int | Sequence[int]) -> str:
+    """"256 x 256" or "192 x 256" (height x width), for messages and model cards."""
+    height, width = height_width(size)
+    return f"{height} x {width}"
+
+
 # The "anomaly-detection" pipeline saved beside every model (pipeline_padim.py), named in config.json so users
 # without padim_hf get it with `trust_remote_code=True`; `pt` lists transformers class names.
 CUSTOM_PIPELINES = {
@@ -53,9 +82,11 @@ class PadimConfig(PreTrainedConfig):
         feature_indices (`list[int]`, *optional*): the kept channels of the concatenated embedding. Drawn from
             `seed` with a private generator when not given; stored sorted (the Gaussian does not depend on order).
         seed (`int`): seed of that draw.
-        image_size (`int`): images are resized to `image_size` x `image_size`.
-        crop_size (`int`, *optional*): centre crop after the resize (paper protocol: 256 -> 224); `None` keeps the
-            whole image, which keeps defects near the border visible.
+        image_size (`int` or `[height, width]`): images are resized to `image_size` x `image_size`, or to `height` x
+            `width` (e.g. `[256, 192]` keeps a portrait camera's 4:3 aspect ratio instead of squashing it). The grid
+            of Gaussians follows: `ceil(height / r) x ceil(width / r)` positions, r the first used stage's stride.
+        crop_size (`int` or `[height, width]`, *optional*): centre crop after the resize (paper protocol: 256 ->
+            224); `None` keeps the whole image, which keeps defects near the border visible.
         image_mean, image_std (`list[float]`, *optional*): normalisation; default: the backbone's timm config.
         epsilon (`float`): regulariser added to every covariance diagonal.
         blur_sigma (`float`): sigma of the Gaussian blur applied to the upsampled anomaly map (0 disables it).
@@ -87,8 +118,8 @@ class PadimConfig(PreTrainedConfig):
     n_features: int = 100
     feature_indices: list[int] | tuple[int, ...] | None = None
     seed: int = 0
-    image_size: int = 256
-    crop_size: int | None = None
+    image_size: int | list[int] | tuple[int, ...] = 256
+    crop_size: int | list[int] | tuple[int, ...] | None = None
     image_mean: list[float] | tuple[float, ...] | None = None
     image_std: list[float] | tuple[float, ...] | None = None
     epsilon: float = 0.01
@@ -136,8 +167,13 @@ class PadimConfig(PreTrainedConfig):
             mean, std = backbone_normalisation(self.backbone)
             self.image_mean = list(self.image_mean or mean)
             self.image_std = list(self.image_std or std)
-        if self.crop_size is not None and not 0 < self.crop_size <= self.image_size:
-            raise ValueError(f"crop_size={self.crop_size} must be in 1..image_size={self.image_size}")
+        self.image_size = check_size(self.image_size, "image_size")
+        if self.crop_size is not None:
+            self.crop_size = check_size(self.crop_size, "crop_size")
+            if any(crop > side for crop, side in zip(height_width(self.crop_size), height_width(self.image_size))):
+                raise ValueError(
+                    f"crop_size={self.crop_size} must fit in image_size={self.image_size} (each side in 1..the resized side)"
+                )
         if self.epsilon <= 0:
             raise ValueError(f"epsilon must be positive, got {self.epsilon}")
         if self.blur_sigma < 0:
@@ -159,9 +195,14 @@ class PadimConfig(PreTrainedConfig):
         return output
 
     @property
-    def input_size(self) -> int:
-        """Side of the square `pixel_values` the model sees."""
-        return self.crop_size or self.image_size
+    def resize_size(self) -> tuple[int, int]:
+        """(height, width) images are resized to."""
+        return height_width(self.image_size)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the `pixel_values` the model sees: the crop, or the resized image."""
+        return height_width(self.crop_size if self.crop_size is not None else self.image_size)
 
     @property
     def stage_channels(self) -> list[int]:
@@ -170,4 +211,4 @@ class PadimConfig(PreTrainedConfig):
         return [channels[layer] for layer in self.layers]
 
 
-__all__ = ["PadimConfig"]
+__all__ = ["PadimConfig", "format_size", "height_width"]

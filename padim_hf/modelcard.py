@@ -6,7 +6,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .calibration import GOOD_ONLY, describe_calibration
-from .configuration_padim import PadimConfig
+from .configuration_padim import PadimConfig, format_size
 from .files import dataset_reference, without_local_paths
 
 GALLERY_FILE = "gallery.png"
@@ -116,14 +116,14 @@ def training_section(config: PadimConfig) -> str:
         source = f"the local folder `{dataset_label(config.train_dataset)}`"
     else:
         source = "an unrecorded source"
-    crop = f"centre crop to {config.crop_size} x {config.crop_size}" if config.crop_size else "no crop"
+    crop = f"centre crop to {format_size(config.crop_size)}" if config.crop_size is not None else "no crop"
     mean = ", ".join(f"{value:g}" for value in config.image_mean)
     std = ", ".join(f"{value:g}" for value in config.image_std)
     return (
         "## Training data and preprocessing\n\n"
         f"Fitted on **{config.num_train_images}** defect-free images from {source}.\n\n"
         f"Preprocessing (the bundled image processor does it): convert to RGB, bicubic resize to "
-        f"{config.image_size} x {config.image_size}, {crop}, normalise with mean ({mean}) and std ({std}). "
+        f"{format_size(config.image_size)}{'' if isinstance(config.image_size, int) else ' (height x width)'}, {crop}, normalise with mean ({mean}) and std ({std}). "
         f"Anomaly maps are mapped back to each input image's own size."
     )
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_padim import PadimConfig
+from .configuration_padim import PadimConfig, format_size
 from .gaussian import (
     LowerBlockRows,
     PatchStatistics,
@@ -85,6 +85,13 @@ def nearest_source_indices(in_size: int, out_size: int, device: torch.device) ->
     scale = torch.tensor(in_size, dtype=torch.float32, device=device) / out_size
     positions = torch.arange(out_size, dtype=torch.float32, device=device)
     return (positions * scale).floor().long().clamp_(max=in_size - 1)
+
+
+def grid_shape(config: PadimConfig, reduction: int) -> tuple[int, int]:
+    """(h, w) grid of the first used stage for `config.input_size`: each side divided by the stage's stride, rounded
+    up (timm's convolutions pad, so a side of 65 at stride 4 gives 17 rows)."""
+    height, width = config.input_size
+    return math.ceil(height / reduction), math.ceil(width / reduction)
 
 
 def keep_dtype(fn):
@@ -290,9 +297,8 @@ class PadimModel(PadimPreTrainedModel):
     def __init__(self, config: PadimConfig):
         super().__init__(config)
         self.backbone = create_backbone(config)
-        reduction = self.backbone.feature_info.reduction()[0]
-        self.grid_size = math.ceil(config.input_size / reduction)
-        self.gaussian = PadimGaussian(self.grid_size**2, config.n_features, getattr(torch, config.covariance_storage))
+        self.grid_shape = grid_shape(config, self.backbone.feature_info.reduction()[0])
+        self.gaussian = PadimGaussian(self.num_positions, config.n_features, getattr(torch, config.covariance_storage))
         self.register_buffer("feature_indices", torch.tensor(config.feature_indices), persistent=False)
         # The factor is saved in the dtype the config names at save time (it may be edited after a fit).
         self.register_state_dict_pre_hook(
@@ -303,6 +309,11 @@ class PadimModel(PadimPreTrainedModel):
         # Read by post_init: neither the backbone nor the Gaussian may be split across devices by device_map.
         self._no_split_modules = ["PadimGaussian", type(self.backbone).__name__]
         self.post_init()
+
+    @property
+    def num_positions(self) -> int:
+        """P, the number of per-position Gaussians: grid height x grid width."""
+        return self.grid_shape[0] * self.grid_shape[1]
 
     def _apply(self, fn, recurse: bool = True):
         """`.half()`, `.to(dtype)`, `.bfloat16()`... cast the backbone only: the Gaussian keeps its dtypes (float32
@@ -379,7 +390,7 @@ class PadimModel(PadimPreTrainedModel):
         if problems:
             raise ValueError(
                 f"checkpoint does not match its config (backbone {model.config.backbone}, "
-                f"n_features {model.config.n_features}, input size {model.config.input_size}): " + "; ".join(problems)
+                f"n_features {model.config.n_features}, input size {format_size(model.config.input_size)}): " + "; ".join(problems)
             )
         model._init_weights(model)
         model.backbone_weights = "checkpoint"
@@ -484,6 +495,9 @@ class PadimModel(PadimPreTrainedModel):
         features = self.backbone(pixel_values.to(dtype))
         batch = pixel_values.shape[0]
         height, width = features[0].shape[-2:]
+        if (height, width) != self.grid_shape:  # a backbone that rounds its strides otherwise than ceil
+            raise RuntimeError(f"{self.config.backbone} gives a {height} x {width} grid for input {tuple(pixel_values.shape[-2:])}, "
+                               f"expected {self.grid_shape[0]} x {self.grid_shape[1]}")
         embedding = features[0].new_empty(height, width, batch, self.config.n_features, dtype=torch.float32)
         start = channel = 0
         for feature in features:
@@ -587,13 +601,13 @@ class PadimModel(PadimPreTrainedModel):
         return PadimOutput(anomaly_map=anomaly_map, pred_score=pred_score, pred_label=pred_label)
 
     def _check_pixel_values(self, pixel_values: Tensor) -> None:
-        size = self.config.input_size
+        height, width = self.config.input_size
         if not isinstance(pixel_values, Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (size, size):
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[-2:]) != (height, width):
             raise ValueError(
-                f"pixel_values must have shape (batch, 3, {size}, {size}) for this model, got {tuple(pixel_values.shape)}"
-                " (use the model's image processor)"
+                f"pixel_values must have shape (batch, 3, {height}, {width}) (height, width) for this model, got "
+                f"{tuple(pixel_values.shape)} (use the model's image processor)"
             )
         if not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or infinite values")

@@ -105,11 +105,14 @@ class PadimRuntime:
         return path
 
     @property
-    def input_size(self) -> int:
-        return int(self.config["inputs"]["pixel_values"][-1])
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the graph's `pixel_values` (square or not)."""
+        height, width = self.config["inputs"]["pixel_values"][-2:]
+        return int(height), int(width)
 
     def preprocess(self, images: list) -> np.ndarray:
-        """(B, 3, S, S) float32 pixel values: RGB, bicubic resize, optional centre crop, rescale, normalise."""
+        """(B, 3, H, W) float32 pixel values: RGB, bicubic resize to (height, width), optional centre crop, rescale,
+        normalise."""
         settings = self.config["preprocessing"]
         height, width = settings["resize"]
         batch = []
@@ -125,7 +128,7 @@ class PadimRuntime:
         return np.ascontiguousarray(np.stack(batch), dtype=np.float32)
 
     def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph's outputs (anomaly_map (B, 1, S, S), pred_score (B,), ...) for preprocessed pixel values."""
+        """The graph's outputs (anomaly_map (B, 1, H, W), pred_score (B,), ...) for preprocessed pixel values."""
         pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if self.engine == "onnxruntime":
             values = self._session.run(self.output_names, {"pixel_values": pixel_values})
@@ -134,7 +137,7 @@ class PadimRuntime:
         return {name: np.asarray(results[self._compiled.output(name)]) for name in self.output_names}
 
     def anomaly_map_at(self, anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """A model-resolution map (S, S) at an image's (height, width): the cropped-away margin takes the border
+        """A model-resolution map (H, W) at an image's (height, width): the cropped-away margin takes the border
         values, then bilinear resize (padim_hf's `post_process_anomaly_maps`)."""
         settings = self.config["preprocessing"]
         if settings["center_crop"] is not None:

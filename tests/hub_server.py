@@ -66,6 +66,7 @@ class HubState:
         self.tokens = tokens  # token -> user name
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
+        self.authorizations: list[str | None] = []  # the Authorization header of every request (None: none sent)
         self.failures: dict[str, int] = {}
         self.lock = threading.RLock()
         self.url = ""
@@ -162,6 +163,7 @@ class Handler(BaseHTTPRequestHandler):
         segments = [unquote(part) for part in split.path.split("/")[1:]]
         query = parse_qs(split.query)
         self.state.requests.append((method, unquote(split.path)))
+        self.state.authorizations.append(self.headers.get("Authorization"))
         try:
             with self.state.lock:
                 self.route(method, segments, query)

@@ -73,7 +73,7 @@ def test_one_exif_rotated_jpeg_gives_identical_maps_through_all_four_entry_point
     by_pipeline = pipeline("anomaly-detection", model=str(model_dir))(str(path))["anomaly_map"]
     # 4. the Space
     space = load_space(model_dir)
-    by_space, _ = space.DETECTOR.predict(space.load_image(path, space.DETECTOR.processor.decode))
+    by_space, _ = space.DETECTOR.predict(space.sys.modules["detector"].load_image(path, space.DETECTOR.processor.decode))
 
     assert by_processor.shape == (48, 32)
     for name, anomaly_map in {"CLI": by_cli, "pipeline": by_pipeline, "Space": by_space}.items():

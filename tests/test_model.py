@@ -110,9 +110,14 @@ def test_nearest_source_indices_match_torch_nearest_interpolation(in_size, out_s
 
 # float32 storage is limited by the float32 sums: 7 images give a rank-6 covariance + 0.01 I whose conditioning
 # turns their ~1e-7 rounding into ~1e-4 in the distances (patch-level 4e-4 before and after block-row sums).
-@pytest.mark.parametrize("storage, tolerance", [("float32", 3e-4), ("float16", 1e-3)])
-def test_anomaly_map_equals_plain_per_position_reference(lite0_weights, random_images, storage, tolerance):
-    small_model = PadimModel(small_lite0_config(covariance_storage=storage)).load_backbone_weights(lite0_weights)
+# A non-square input (48 high, 80 wide: a 12 x 20 grid) checks that rows and columns are never swapped anywhere.
+@pytest.mark.parametrize(
+    "storage, tolerance, size", [("float32", 3e-4, 64), ("float16", 1e-3, 64), ("float32", 3e-4, [48, 80])]
+)
+def test_anomaly_map_equals_plain_per_position_reference(lite0_weights, random_images, storage, tolerance, size):
+    small_model = PadimModel(small_lite0_config(covariance_storage=storage, image_size=size)).load_backbone_weights(lite0_weights)
+    height, width = small_model.config.input_size
+    random_images = F.interpolate(random_images, size=(height, width), mode="bilinear", align_corners=False)
     small_model.fit([random_images[:4], random_images[4:]])
     embedding = small_model.embed(random_images).double()  # (B, C, h, w)
     patches = embedding.flatten(2).permute(2, 0, 1).numpy()  # (P, B, C)
@@ -123,9 +128,10 @@ def test_anomaly_map_equals_plain_per_position_reference(lite0_weights, random_i
         covariance = np.cov(patches[p], rowvar=False) + 0.01 * np.eye(patches.shape[2])
         delta = queries[p] - mean
         distances[p] = np.sqrt(np.einsum("bc,cd,bd->b", delta, np.linalg.inv(covariance), delta))
-    grid = small_model.grid_size
-    reference = torch.from_numpy(distances.T.reshape(7, 1, grid, grid)).float()
-    reference = F.interpolate(reference, size=(64, 64), mode="bilinear", align_corners=False)
+    grid_height, grid_width = -(-height // 4), -(-width // 4)  # stage 1 of Lite0: stride 4
+    assert small_model.embed(random_images).shape[-2:] == (grid_height, grid_width)
+    reference = torch.from_numpy(distances.T.reshape(7, 1, grid_height, grid_width)).float()
+    reference = F.interpolate(reference, size=(height, width), mode="bilinear", align_corners=False)
     reference = gaussian_blur(reference, [33, 33], [4.0, 4.0])
     output = small_model(random_images.flip(0) * 1.5)
     torch.testing.assert_close(output.anomaly_map, reference, rtol=tolerance, atol=1e-3)

@@ -60,6 +60,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def analyse(app, image, *args, **kwargs):
+    """The app's analysis with its start-up detector (the model PADIM_MODEL names), unless a test passes another."""
+    kwargs.setdefault("detector", app.DETECTOR)
+    return app.analyse(image, *args, **kwargs)
+
+
+MAX_SIDE = 1024  # spaces/detector.py's MAX_SIDE, checked by test_huge_image_is_downscaled_before_analysis
+
+
 def defect_image(kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return synthetic.add_defect(synthetic.fabric(700 + seed), kind, seed=800 + seed)
 
@@ -182,9 +191,9 @@ def test_examples_ship_with_the_space_and_are_small():
 
 @pytest.mark.parametrize("kind", synthetic.DEFECT_KINDS)
 def test_defects_score_above_good_images_and_the_mask_covers_them(app, kind):
-    good = app.analyse(synthetic.fabric(900))
+    good = analyse(app, synthetic.fabric(900))
     image, truth = defect_image(kind, seed=5)
-    result = app.analyse(image)
+    result = analyse(app, image)
     thresholds = app.DETECTOR.thresholds()
     assert thresholds.calibrated
     assert result.score > thresholds.image > good.score
@@ -204,7 +213,7 @@ def test_defects_score_above_good_images_and_the_mask_covers_them(app, kind):
 
 
 def test_overlay_is_the_image_with_a_heatmap_and_colour_bar(app):
-    result = app.analyse(EXAMPLES / "stain.png")
+    result = analyse(app, EXAMPLES / "stain.png")
     height, width, channels = result.overlay.shape
     assert channels == 3 and result.overlay.dtype == np.uint8
     assert width > height > 300  # the figure: image plus a colour bar on the right
@@ -217,16 +226,16 @@ def test_overlay_is_the_image_with_a_heatmap_and_colour_bar(app):
 @pytest.mark.parametrize("shape", [(60, 900), (900, 60), (1000, 1000)])
 def test_overlay_stays_screen_sized_for_any_aspect_ratio(app, shape):
     image = np.asarray(PIL.Image.fromarray(synthetic.fabric(3, size=1000)).crop((0, 0, shape[1], shape[0])))
-    result = app.analyse(image)
+    result = analyse(app, image)
     assert result.mask.shape == shape
     assert max(result.overlay.shape[:2]) <= 800 and min(result.overlay.shape[:2]) >= 150
 
 
 def test_thresholds_move_the_mask_and_the_verdict(app):
     image, _ = defect_image("stain", seed=1)
-    default = app.analyse(image)
-    strict = app.analyse(image, image_threshold=default.score * 1.1, pixel_threshold=default.score * 0.9)
-    lax = app.analyse(image, pixel_threshold=app.DETECTOR.thresholds().pixel * 0.8)
+    default = analyse(app, image)
+    strict = analyse(app, image, image_threshold=default.score * 1.1, pixel_threshold=default.score * 0.9)
+    lax = analyse(app, image, pixel_threshold=app.DETECTOR.thresholds().pixel * 0.8)
     assert strict.score == pytest.approx(default.score)
     assert default.verdict.startswith("Anomalous") and strict.verdict.startswith("Normal")
     assert 0 < (strict.mask > 0).sum() < (default.mask > 0).sum() < (lax.mask > 0).sum()
@@ -236,21 +245,21 @@ def test_thresholds_move_the_mask_and_the_verdict(app):
 def test_grayscale_rgba_and_16_bit_images_give_the_rgb_result(app, tmp_path):
     rgb = synthetic.fabric(901)
     gray = np.asarray(PIL.Image.fromarray(rgb).convert("L"))
-    reference_gray = app.analyse(np.repeat(gray[..., None], 3, axis=-1)).score
-    assert app.analyse(gray).score == pytest.approx(reference_gray, rel=1e-4)
+    reference_gray = analyse(app, np.repeat(gray[..., None], 3, axis=-1)).score
+    assert analyse(app, gray).score == pytest.approx(reference_gray, rel=1e-4)
     PIL.Image.fromarray(gray).save(tmp_path / "gray.png")
-    assert app.analyse(tmp_path / "gray.png").score == pytest.approx(reference_gray, rel=1e-4)
+    assert analyse(app, tmp_path / "gray.png").score == pytest.approx(reference_gray, rel=1e-4)
     PIL.Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
-    assert app.analyse(tmp_path / "gray16.png").score == pytest.approx(reference_gray, rel=1e-3)
+    assert analyse(app, tmp_path / "gray16.png").score == pytest.approx(reference_gray, rel=1e-3)
 
-    reference = app.analyse(rgb).score
+    reference = analyse(app, rgb).score
     opaque = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     PIL.Image.fromarray(opaque).save(tmp_path / "rgba.png")
-    assert app.analyse(tmp_path / "rgba.png").score == pytest.approx(reference, rel=1e-4)
+    assert analyse(app, tmp_path / "rgba.png").score == pytest.approx(reference, rel=1e-4)
     # A transparent hole shows white (composited like the image processor does): an anomaly on fabric.
     holed = opaque.copy()
     holed[50:70, 50:70, 3] = 0
-    assert app.analyse(holed).score > app.DETECTOR.thresholds().image > reference
+    assert analyse(app, holed).score > app.DETECTOR.thresholds().image > reference
 
 
 def test_exif_rotation_is_applied(app, tmp_path):
@@ -259,7 +268,7 @@ def test_exif_rotation_is_applied(app, tmp_path):
     exif = PIL.Image.Exif()
     exif[0x0112] = 6  # ... with "rotate 90 degrees clockwise to view" as its EXIF orientation
     stored.save(tmp_path / "rotated.png", exif=exif)
-    result = app.analyse(tmp_path / "rotated.png")
+    result = analyse(app, tmp_path / "rotated.png")
     assert result.mask.shape == (128, 96)
     assert (result.mask > 0)[truth[:, :96]].mean() > 0.9
 
@@ -269,28 +278,29 @@ def test_huge_image_is_downscaled_before_analysis(app, tmp_path):
     huge = np.asarray(PIL.Image.fromarray(image).resize((6000, 4800), PIL.Image.Resampling.NEAREST))
     path = tmp_path / "huge.png"
     PIL.Image.fromarray(huge).save(path, compress_level=1)
-    result = app.analyse(path)
-    assert result.mask.shape == (app.MAX_SIDE * 4 // 5, app.MAX_SIDE)  # aspect ratio kept
+    result = analyse(app, path)
+    assert app.sys.modules["detector"].MAX_SIDE == MAX_SIDE
+    assert result.mask.shape == (MAX_SIDE * 4 // 5, MAX_SIDE)  # aspect ratio kept
     assert result.verdict.startswith("Anomalous")
-    assert result.score == pytest.approx(app.analyse(image).score, rel=0.1)
+    assert result.score == pytest.approx(analyse(app, image).score, rel=0.1)
 
 
 def test_images_over_the_pixel_limit_are_refused_with_a_message(app, monkeypatch, tmp_path):
     PIL.Image.fromarray(synthetic.fabric(1)).save(tmp_path / "big.png")
-    monkeypatch.setattr(app, "MAX_PIXELS", 100 * 100)
+    monkeypatch.setattr(app.sys.modules["detector"], "MAX_PIXELS", 100 * 100)
     with pytest.raises(ValueError, match=r"128x128 pixels; images up to"):
-        app.analyse(tmp_path / "big.png")
+        analyse(app, tmp_path / "big.png")
 
 
 def test_non_images_are_refused_with_a_message(app, text_file_named_png):
     import gradio as gr
 
     with pytest.raises(ValueError, match="not_really.png is not an image"):
-        app.analyse(text_file_named_png)
+        analyse(app, text_file_named_png)
     with pytest.raises(gr.Error, match="not an image"):
-        app.predict(str(text_file_named_png), 1.0, 1.0)
+        app.demo.space.predict(str(text_file_named_png), 1.0, 1.0, gr.Request(session_hash="unit-test"))
     with pytest.raises(ValueError, match="shape"):
-        app.analyse(np.zeros((4, 4, 2), np.uint8))
+        analyse(app, np.zeros((4, 4, 2), np.uint8))
 
 
 def test_sliders_start_at_the_calibrated_thresholds(app):
@@ -325,7 +335,7 @@ def test_uncalibrated_model_starts_at_a_stated_default(app, uncalibrated_model_d
     assert thresholds.image == thresholds.pixel == pytest.approx(np.sqrt(chi2.ppf(0.999, 50)), rel=0.01)
     text = app.model_card_markdown(detector)
     assert "Uncalibrated model" in text and f"{thresholds.image:.2f}" in text
-    result = app.analyse(EXAMPLES / "good_1.png", detector=detector)
+    result = analyse(app, EXAMPLES / "good_1.png", detector=detector)
     assert result.score > thresholds.image  # why the panel warns: real scores run higher than the Gaussian bound
     assert app.slider_maximum(thresholds) > result.score
 
@@ -340,32 +350,19 @@ def test_sliders_grow_to_leave_room_above_every_score(app):
     assert app.widen_sliders(10.0, 280.0)[2] == 280.0
 
 
-def test_without_a_model_the_app_says_how_to_make_one(app, tmp_path, monkeypatch):
+def test_a_model_that_fails_to_load_is_reported_and_fitting_still_works(app, tmp_path):
     import gradio as gr
 
-    monkeypatch.setattr(app, "DEFAULT_LOCAL_MODEL", tmp_path / "padim-demo" / "model")
-    detector, message = app.load_detector(str(tmp_path / "padim-demo" / "model"))
-    assert detector is None and "padim-hf demo" in message and "PADIM_MODEL" in message
-    monkeypatch.setenv("SPACE_ID", "someone/padim-space")
-    detector, message = app.load_detector(str(tmp_path / "padim-demo" / "model"))
-    assert detector is None and "set the Space variable `PADIM_MODEL`" in message
-    monkeypatch.delenv("SPACE_ID")
     detector, message = app.load_detector(str(tmp_path / "elsewhere"))
-    assert detector is None and "Could not load the model" in message and "padim-hf demo" in message
-    monkeypatch.setattr(app, "DETECTOR", None)
-    monkeypatch.setattr(app, "LOAD_MESSAGE", message)
-    with pytest.raises(gr.Error, match="padim-hf demo"):
-        app.predict(str(EXAMPLES / "good_1.png"), 1.0, 1.0)
-    blocks = app.build_demo(None, message)
+    assert detector is None and "Could not load the model" in message and "PADIM_MODEL" in message
+    assert "Fit your own detector" in message
+    space = app.Space(None, message, root=tmp_path / "sessions")
+    with pytest.raises(gr.Error, match="Could not load the model"):
+        space.predict(str(EXAMPLES / "good_1.png"), 1.0, 1.0, gr.Request(session_hash="no-model"))
+    blocks = app.build_demo(space)
     markdown = [block.value for block in blocks.blocks.values() if isinstance(block, gr.Markdown)]
-    assert any("No model loaded" in text and "padim-hf demo" in text for text in markdown)
-
-
-def test_default_model_is_padim_demo_in_the_repository(app, monkeypatch):
-    monkeypatch.delenv("PADIM_MODEL", raising=False)
-    assert Path(app.model_source()) == REPO_ROOT / "padim-demo" / "model"
-    monkeypatch.setenv("PADIM_MODEL", "someone/fabric-padim")
-    assert app.model_source() == "someone/fabric-padim"
+    assert any("No model loaded" in text and "Could not load the model" in text for text in markdown)
+    assert any(getattr(block, "elem_id", None) == "fit-button" for block in blocks.blocks.values())
 
 
 def test_space_metadata_is_deployable():
@@ -378,64 +375,235 @@ def test_space_metadata_is_deployable():
     front_matter = yaml.safe_load(readme.split("---\n")[1])
     assert front_matter["sdk"] == "gradio" and front_matter["sdk_version"] == gradio.__version__
     assert front_matter["app_file"] == "app.py" and (SPACE_DIR / front_matter["app_file"]).is_file()
-    assert front_matter["models"] and len(front_matter["short_description"]) <= 60  # the Hub's limit
+    assert len(front_matter["short_description"]) <= 60  # the Hub's limit
+    # "Sign in with Hugging Face" for pushing: OAuth on, with the scope that creates the user's own repos.
+    assert front_matter["hf_oauth"] is True and "contribute-repos" in front_matter["hf_oauth_scopes"]
     lines = (SPACE_DIR / "requirements.txt").read_text().splitlines()
     requirements = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    packages = {re.split(r"[<>=!~\[ ;]", requirement)[0].lower() for requirement in requirements}
-    assert not any(name.startswith(("gradio", "padim")) for name in packages)  # gradio comes from sdk_version
-    # What the model's remote code and the app import.
-    assert {"torch", "torchvision", "timm", "transformers", "huggingface_hub", "matplotlib", "pillow"} <= packages
+    packages = {re.split(r"[<>=!~\[ ;@]", requirement)[0].lower() for requirement in requirements}
+    assert not any(name.startswith("gradio") for name in packages)  # gradio comes from sdk_version
+    # The app fits with padim_hf and its offline backbone, and draws with matplotlib.
+    assert any(re.match(r"padim-hf\[offline\]", requirement) for requirement in requirements)
+    assert "matplotlib" in packages
+
+
+# --- checking uploads for a fit (fitting.py) ---------------------------------------------------------------------
+
+
+def write_images(folder: Path, count: int, size=(96, 96), seed: int = 0, kind: str = "fabric") -> list[Path]:
+    """`count` good images: synthetic fabric, or (kind="texture") the demo's grey weave, a different product."""
+    from padim_hf.demo import texture
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        if kind == "fabric":
+            pixels = synthetic.fabric(seed * 1000 + index, size=max(size), noise=0.02)[: size[1], : size[0]]
+        else:
+            pixels = (texture(rng, max(size))[: size[1], : size[0]] * 255).astype(np.uint8)
+        paths.append(folder / f"{kind}_{seed}_{index:02d}.png")
+        PIL.Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def zip_files(path: Path, files: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_good_images_come_from_files_and_zips_alike(app, tmp_path):
+    fitting = app.fitting
+    paths = write_images(tmp_path / "files", 12)
+    archive = zip_files(
+        tmp_path / "parts.zip",
+        {f"good/{path.name}": path.read_bytes() for path in paths[:6]}
+        | {"__MACOSX/good/._x.png": b"resource fork", ".DS_Store": b"finder"},  # what zips from a Mac carry
+    )
+    from_files = fitting.read_good_images(paths, app.decode)
+    mixed = fitting.read_good_images([archive, *paths[6:]], app.decode)
+    assert len(from_files) == len(mixed) == 12
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(from_files, mixed))
+    assert all(image.mode == "RGB" and image.size == (96, 96) for image in mixed)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("too few", r"3 images uploaded; a fit needs at least 10 good images"),
+        ("too many", r"12 images uploaded; up to 11 images per fit are accepted"),
+        ("too large", r"fabric_0_00.png is 0.0 MB; images up to 0 MB are accepted"),
+        ("too much in all", r"the images add up to 0 MB; up to 0 MB per fit are accepted"),
+        ("not an image", r"notes.txt is not an image \(PNG, JPEG, BMP, TIFF, WebP\) or a .zip of images"),
+        ("not an image inside", r"fake.png is not an image Pillow can read"),
+        ("zip with other files", r"parts.zip: good/readme.md is not an image"),
+        ("broken zip", r"broken.zip is not a zip file that can be opened"),
+        ("empty zip", r"empty.zip holds no images"),
+        ("mixed aspect ratios", r"mixed aspect ratios: 10 images are 96x96 in shape, but fabric_1_00.png \(128x96\), "),
+        ("huge", r"fabric_0_00.png is 96x96 pixels; images up to 0 megapixels are accepted"),
+    ],
+)
+def test_every_refused_upload_gets_a_message(app, tmp_path, monkeypatch, case, message):
+    fitting = app.fitting
+    paths = write_images(tmp_path / "good", 12)
+    if case == "too few":
+        paths = paths[:3]
+    elif case == "too many":
+        monkeypatch.setattr(fitting, "MAX_FIT_IMAGES", 11)
+    elif case == "too large":
+        monkeypatch.setattr(fitting, "MAX_IMAGE_BYTES", 1000)
+    elif case == "too much in all":
+        monkeypatch.setattr(fitting, "MAX_FIT_BYTES", 10_000)
+    elif case == "not an image":
+        (tmp_path / "notes.txt").write_text("good parts, batch 7")
+        paths.append(tmp_path / "notes.txt")
+    elif case == "not an image inside":
+        (tmp_path / "fake.png").write_text("not a PNG")
+        paths.append(tmp_path / "fake.png")
+    elif case == "zip with other files":
+        paths = [zip_files(tmp_path / "parts.zip", {"good/a.png": paths[0].read_bytes(), "good/readme.md": b"#"})]
+    elif case == "broken zip":
+        (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 truncated")
+        paths = [tmp_path / "broken.zip"]
+    elif case == "empty zip":
+        paths = [zip_files(tmp_path / "empty.zip", {"__MACOSX/._a.png": b""})]
+    elif case == "mixed aspect ratios":
+        paths = paths[:10] + write_images(tmp_path / "wide", 2, size=(128, 96), seed=1)
+    elif case == "huge":
+        monkeypatch.setattr(app.sys.modules["detector"], "MAX_PIXELS", 1000)
+    with pytest.raises(fitting.UploadError, match=message):
+        fitting.read_good_images(paths, app.decode)
+
+
+def test_a_zip_member_is_never_read_past_its_declared_size(app, tmp_path, monkeypatch):
+    """A zip whose directory under-states a member's size (a zip bomb's trick) cannot make the Space inflate more
+    than MAX_IMAGE_BYTES: the member is read up to the declared size, then fails to decode."""
+    import zipfile
+
+    fitting = app.fitting
+    archive = zip_files(tmp_path / "bomb.zip", {"a.png": b"\0" * 5_000_000})
+    with zipfile.ZipFile(archive) as opened:
+        info = opened.getinfo("a.png")
+    info.file_size = 100  # what a lying directory entry would say
+    with pytest.raises(fitting.UploadError, match=r"bomb.zip: a.png is damaged \(Bad CRC-32"):
+        fitting.read_member(archive, info, "bomb.zip: a.png")
+
+
+def test_sessions_keep_their_files_apart_and_delete_them_at_the_end(app, tmp_path):
+    sessions = app.fitting.Sessions(tmp_path / "sessions")
+    upload_a, shared, upload_b = (tmp_path / "gradio" / name / "a.png" for name in ("h1", "h2", "h3"))
+    for path in (upload_a, shared, upload_b):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"png")
+    first, second = sessions.get("session-a"), sessions.get("session-b/../../etc")
+    assert first.folder != second.folder and second.folder.parent == tmp_path / "sessions"  # hashed names only
+    sessions.add_uploads("session-a", [upload_a, shared])
+    sessions.add_uploads("session-b/../../etc", [shared, upload_b])
+    (first.folder / "model.zip").write_bytes(b"zip")
+    sessions.end("session-a")
+    assert not first.folder.exists() and not upload_a.exists() and not upload_a.parent.exists()
+    assert shared.exists() and upload_b.exists() and second.folder.exists()  # still held by the other session
+    sessions.end("session-b/../../etc")
+    assert not shared.exists() and not upload_b.exists() and not second.folder.exists() and len(sessions) == 0
+
+
+def test_push_never_falls_back_to_the_spaces_own_token(app, model_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "the-space-owners-token")
+    for token in ("", None):
+        with pytest.raises(app.fitting.UploadError, match="sign in with Hugging Face first"):
+            app.fitting.push_to_hub(model_dir, "padim-detector", "alice", token, private=True)
+    with pytest.raises(app.fitting.UploadError, match="is not a repository name"):
+        app.fitting.push_to_hub(model_dir, "../etc", "alice", "user-token", private=True)
+
+
+def test_one_fit_per_cpu_core(app, monkeypatch):
+    import gradio as gr
+
+    cpus = len(os.sched_getaffinity(0))
+    assert app.fitting.available_cpus() <= cpus
+    fit_event = next(fn for fn in app.demo.fns.values() if fn.api_name == "fit")
+    assert fit_event.concurrency_limit == app.FIT_SLOTS == app.fitting.available_cpus()
+    assert isinstance(app.demo, gr.Blocks)
+
+
+# --- python app.py, as a duplicated Space runs it -------------------------------------------------------------------
+
+
+def artefacts(name: str) -> Path:
+    """Where a browser test leaves its screenshots (gitignored; CI keeps them with the run)."""
+    folder = Path(os.environ.get("PADIM_TEST_ARTEFACTS", REPO_ROOT / "test-artefacts")) / "space" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def start_app(tmp_path: Path, **env: str) -> tuple[subprocess.Popen, str, float]:
+    """`python app.py` in spaces/ with `env` added; returns the process, its URL and the seconds it took to serve."""
+    port = free_port()
+    environment = {key: value for key, value in os.environ.items() if key not in ("PADIM_MODEL", "HF_HUB_OFFLINE")}
+    environment.update(
+        GRADIO_ANALYTICS_ENABLED="False", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+        GRADIO_TEMP_DIR=str(tmp_path / "gradio"), **env,
+    )
+    log = tmp_path / "app.log"
+    started = time.monotonic()
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=SPACE_DIR, env=environment, stdout=output, stderr=subprocess.STDOUT
+        )
+    deadline = started + 240
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"app.py exited: {log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise AssertionError(f"app.py did not start: {log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.25)
+    return process, f"http://127.0.0.1:{port}/", time.monotonic() - started
+
+
+def stop_app(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 @pytest.mark.slow
-def test_python_app_py_serves_with_only_the_model_repo(app, model_dir, tmp_path):
-    """What a Space runs: `python app.py`, with no padim_hf (hidden here), the model through trust_remote_code."""
-    from gradio_client import Client, handle_file
+def test_duplicated_space_starts_with_a_working_example(tmp_path):
+    """A Space duplicated as it is has no PADIM_MODEL: `python app.py` fits the example detector and serves it."""
+    from playwright.sync_api import expect
 
-    shadow = tmp_path / "shadow" / "padim_hf"
-    shadow.mkdir(parents=True)
-    marker = tmp_path / "padim_hf-was-imported"
-    (shadow / "__init__.py").write_text(
-        f"open({str(marker)!r}, 'w').close()\nraise ImportError('padim_hf is hidden: a Space does not have it')\n"
-    )
-    port = free_port()
-    env = dict(
-        os.environ,
-        PADIM_MODEL=str(model_dir),
-        PYTHONPATH=str(shadow.parent),
-        GRADIO_ANALYTICS_ENABLED="False",
-        GRADIO_SERVER_NAME="127.0.0.1",
-        GRADIO_SERVER_PORT=str(port),
-    )
-    log = tmp_path / "app.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen(
-            [sys.executable, "app.py"], cwd=SPACE_DIR, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
+    require_chromium()
+    shots = artefacts("duplicated")
+    process, url, startup = start_app(tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, f"app.py exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"app.py did not start: {log.read_text()[-3000:]}"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        client = Client(url, verbose=False)
-        # The slider's top (the API checks ranges): above the hole's score, so the verdict shows it was used.
-        top = app.slider_maximum(app.DETECTOR.thresholds())
-        _, _, score, verdict = client.predict(handle_file(str(EXAMPLES / "hole.png")), top, top, api_name="/analyse")
+        print(f"python app.py served after {startup:.1f} s (example detector fitted at start-up)")
+        for page in open_page(url):
+            info = page.locator("#model-info")
+            expect(info).to_contain_text("example: synthetic fabric")
+            expect(info).to_contain_text("held-out")  # the library's calibration, described
+            page.screenshot(path=str(shots / "1-start.png"), full_page=True)
+            examples, verdict = page.locator("#examples .gallery-item"), page.locator("#verdict textarea")
+            expect(examples).to_have_count(5)  # sorted: good_1, good_2, hole, scratch, stain
+            for index, expected in ((0, "^Normal"), (1, "^Normal"), (2, "^Anomalous"), (3, "^Anomalous"), (4, "^Anomalous")):
+                shown = verdict.input_value()
+                examples.nth(index).click()
+                expect(verdict).not_to_have_value(shown, timeout=60_000)  # this example's answer (the score differs)
+                expect(verdict).to_have_value(re.compile(expected))
+                page.screenshot(path=str(shots / f"2-example-{index}.png"), full_page=True)
+            expect(page.locator("#overlay img")).to_be_visible()
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-    assert not marker.exists(), "app.py tried to import padim_hf"
-    processor = PadimImageProcessor.from_pretrained(model_dir)
-    model = PadimModel.from_pretrained(model_dir)
-    expected = model(**processor(PIL.Image.open(EXAMPLES / "hole.png"), return_tensors="pt")).pred_score.item()
-    assert score == pytest.approx(expected, abs=0.01)
-    assert score < top and verdict.startswith("Normal")  # the thresholds sent were used
+        stop_app(process)
+    assert "fitted the example detector" in (tmp_path / "app.log").read_text()
 
 
 # --- the HTTP API, through gradio_client --------------------------------------------------------------------------
@@ -450,7 +618,7 @@ def test_client_gets_heatmap_mask_score_and_verdict(app, server):
     overlay, mask, score, verdict = client.predict(
         handle_file(str(EXAMPLES / "scratch.png")), thresholds.image, thresholds.pixel, api_name="/analyse"
     )
-    expected = app.analyse(EXAMPLES / "scratch.png")
+    expected = analyse(app, EXAMPLES / "scratch.png")
     assert score == pytest.approx(expected.score, abs=0.01)
     assert verdict == expected.verdict and verdict.startswith("Anomalous")
     served_mask = np.asarray(PIL.Image.open(mask))
@@ -463,7 +631,7 @@ def test_twenty_concurrent_requests_all_get_their_own_answer(app, server):
     from gradio_client import Client, handle_file
 
     names = ["good_1", "good_2", "stain", "scratch", "hole"] * 4
-    expected = {name: app.analyse(EXAMPLES / f"{name}.png").score for name in set(names)}
+    expected = {name: analyse(app, EXAMPLES / f"{name}.png").score for name in set(names)}
     thresholds = app.DETECTOR.thresholds()
 
     def ask(name: str):
@@ -526,11 +694,11 @@ def test_browser_upload_shows_heatmap_score_and_verdict(app, page, tmp_path):
     verdict = page.locator("#verdict textarea")
     expect(verdict).to_have_value(re.compile("^Anomalous"), timeout=60_000)
     score = float(page.locator("#score input").input_value())
-    assert score == pytest.approx(app.analyse(EXAMPLES / "hole.png").score, abs=0.01)
+    assert score == pytest.approx(analyse(app, EXAMPLES / "hole.png").score, abs=0.01)
     heatmap = page.locator("#overlay img")
     expect(heatmap).to_be_visible()
     width = heatmap.evaluate("img => img.naturalWidth")
-    assert width == app.analyse(EXAMPLES / "hole.png").overlay.shape[1]
+    assert width == analyse(app, EXAMPLES / "hole.png").overlay.shape[1]
     expect(page.locator("#mask img")).to_be_visible()
     page.screenshot(path=str(tmp_path / "space.png"), full_page=True)
     assert (tmp_path / "space.png").stat().st_size > 20_000
@@ -546,12 +714,12 @@ def test_browser_examples_are_analysed_when_picked(app, page):
     examples.nth(0).click()
     expect(verdict).to_have_value(re.compile("^Normal"), timeout=60_000)
     assert float(page.locator("#score input").input_value()) == pytest.approx(
-        app.analyse(EXAMPLES / "good_1.png").score, abs=0.01
+        analyse(app, EXAMPLES / "good_1.png").score, abs=0.01
     )
     examples.nth(4).click()
     expect(verdict).to_have_value(re.compile("^Anomalous"), timeout=60_000)
     assert float(page.locator("#score input").input_value()) == pytest.approx(
-        app.analyse(EXAMPLES / "stain.png").score, abs=0.01
+        analyse(app, EXAMPLES / "stain.png").score, abs=0.01
     )
 
 
@@ -573,7 +741,7 @@ def test_browser_sliders_grow_past_an_uncalibrated_guess(app, uncalibrated_model
 
     require_chromium()
     detector = app.Detector.load(uncalibrated_model_dir)
-    demo = app.build_demo(detector)
+    demo = app.build_demo(app.Space(detector))
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
@@ -596,6 +764,266 @@ def test_browser_sliders_grow_past_an_uncalibrated_guess(app, uncalibrated_model
         demo.close()
 
 
+# --- fitting in the browser ---------------------------------------------------------------------------------------
+
+
+def choose_fit_files(page, files: list[Path], size: str = "128 px") -> None:
+    """Opens the Fit tab, uploads `files` and picks the input size (the Fit button is left to the caller)."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Fit your own detector").click()
+    page.locator("#fit-files input[type=file]").set_input_files([str(path) for path in files])
+    expect(page.locator("#fit-files tbody tr")).to_have_count(len(files), timeout=30_000)  # uploaded
+    page.get_by_label(size).check()
+
+
+def analyse_in_browser(page, image: Path) -> tuple[float, str]:
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Inspect").click()
+    verdict = page.locator("#verdict textarea")
+    page.locator("#input-image input[type=file]").set_input_files(str(image))
+    expect(verdict).to_have_value(re.compile("^(Normal|Anomalous)"), timeout=60_000)
+    return float(page.locator("#score input").input_value()), verdict.input_value()
+
+
+def defect_file(folder: Path, kind: str = "hole", size: int = 96) -> Path:
+    image, _ = synthetic.add_defect(synthetic.fabric(4242, size=size, noise=0.02), kind, seed=17)
+    folder.mkdir(parents=True, exist_ok=True)
+    PIL.Image.fromarray(image).save(folder / f"{kind}.png")
+    return folder / f"{kind}.png"
+
+
+def fitted_sessions(app, demo=None) -> dict:
+    return {key: s for key, s in (demo or app.demo).space.sessions.snapshot().items() if s.detector is not None}
+
+
+@pytest.mark.slow
+def test_browser_fit_inspect_and_download(app, server, tmp_path):
+    """Upload good images, fit, read the held-out calibration, analyse a defective part, download the model."""
+    import zipfile
+
+    from playwright.sync_api import expect
+
+    shots = artefacts("fit")
+    before = set(fitted_sessions(app))
+    for page in open_page(server):
+        choose_fit_files(page, write_images(tmp_path / "good", 10))
+        page.screenshot(path=str(shots / "1-uploaded.png"), full_page=True)
+        page.locator("#fit-button").click()
+        result = page.locator("#fit-result")
+        expect(result).to_contain_text("Fitted on 10 good images at 128 px", timeout=120_000)
+        (session,) = [s for key, s in fitted_sessions(app).items() if key not in before]
+        config = session.detector.config
+        assert config.num_train_images == 10 and config.input_size in (128, (128, 128), [128, 128])
+        assert config.calibration["num_images"] >= 1 and config.image_threshold is not None
+        expect(result).to_contain_text(app.fitting.calibration_summary(session.detector))  # the library's words
+        page.screenshot(path=str(shots / "2-fitted.png"), full_page=True)
+
+        with page.expect_download() as download:
+            page.locator("#download").click()
+        download.value.save_as(tmp_path / "model.zip")
+        with zipfile.ZipFile(tmp_path / "model.zip") as archive:
+            archive.extractall(tmp_path / "unzipped")
+        downloaded = PadimModel.from_pretrained(tmp_path / "unzipped" / "model").eval()
+        assert downloaded.config.image_threshold == pytest.approx(config.image_threshold)
+
+        defect = defect_file(tmp_path / "test")
+        expect(page.locator("#model-info")).to_contain_text("fitted in this session")
+        score, verdict = analyse_in_browser(page, defect)
+        page.screenshot(path=str(shots / "3-defect.png"), full_page=True)
+        processor = PadimImageProcessor.from_pretrained(tmp_path / "unzipped" / "model")
+        with torch.no_grad():
+            expected = downloaded(**processor(PIL.Image.open(defect), return_tensors="pt")).pred_score.item()
+        assert score == pytest.approx(expected, abs=0.01)  # the session's model is the one downloaded
+        assert verdict.startswith("Anomalous") and expected >= config.image_threshold
+        expect(page.locator("#overlay img")).to_be_visible()
+        expect(page.locator("#mask img")).to_be_visible()
+
+
+@pytest.mark.slow
+def test_browser_refused_uploads_say_why(server, tmp_path):
+    from playwright.sync_api import expect
+
+    shots = artefacts("refused")
+    (tmp_path / "notes.txt").write_text("batch 7")
+    cases = {
+        "few": (write_images(tmp_path / "few", 3), "3 images uploaded; a fit needs at least 10 good images"),
+        "text": ([*write_images(tmp_path / "text", 10), tmp_path / "notes.txt"], "notes.txt is not an image"),
+        "shapes": (
+            write_images(tmp_path / "square", 10) + write_images(tmp_path / "wide", 1, size=(128, 96), seed=3),
+            "mixed aspect ratios",
+        ),
+    }
+    for page in open_page(server):
+        for name, (files, message) in cases.items():
+            choose_fit_files(page, files)
+            page.locator("#fit-button").click()
+            expect(page.get_by_text(message).first).to_be_visible(timeout=60_000)
+            page.wait_for_timeout(300)  # let the toast fade in before the screenshot
+            page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+            assert page.get_by_text("Traceback").count() == 0
+            page.reload(wait_until="load")  # a fresh page for the next case
+            page.locator("#input-image input[type=file]").wait_for(state="attached", timeout=60_000)
+
+
+@pytest.mark.slow
+def test_two_sessions_fitting_at_once_get_their_own_models(app, server, tmp_path):
+    """Two browsers fit different products at the same time: each analyses with its own model, sees only its own
+    files, and what a session uploaded and made is deleted when its tab closes."""
+    from playwright.sync_api import expect, sync_playwright
+
+    require_chromium()
+    shots = artefacts("two-sessions")
+    data = {10: write_images(tmp_path / "fabric", 10, kind="fabric"), 12: write_images(tmp_path / "grey", 12, kind="texture")}
+    defect = defect_file(tmp_path / "test")
+    before = set(fitted_sessions(app))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            pages = {}
+            for count in data:  # separate browser contexts: separate cookies and sessions, like two users
+                page = browser.new_context(viewport={"width": 1280, "height": 1100}).new_page()
+                page.goto(server, wait_until="load")
+                page.locator("#input-image input[type=file]").wait_for(state="attached", timeout=60_000)
+                choose_fit_files(page, data[count])
+                pages[count] = page
+            for page in pages.values():
+                page.locator("#fit-button").click()
+            for count, page in pages.items():
+                expect(page.locator("#fit-result")).to_contain_text(f"Fitted on {count} good images", timeout=180_000)
+                page.screenshot(path=str(shots / f"fitted-{count}.png"), full_page=True)
+            sessions = {s.detector.config.num_train_images: s for k, s in fitted_sessions(app).items() if k not in before}
+            assert sorted(sessions) == [10, 12]
+            for count, session in sessions.items():
+                mine = {path.name for path in data[count]}
+                assert {path.name for path in session.uploads} == mine  # its own uploads, nobody else's
+                expected = session.detector.predict(PIL.Image.open(defect).convert("RGB"))[1]
+                score, _ = analyse_in_browser(pages[count], defect)
+                assert score == pytest.approx(expected, abs=0.01), count
+                expect(pages[count].locator("#model-info")).to_contain_text(f"({count} defect-free images)")
+            assert abs(sessions[10].detector.predict(PIL.Image.open(defect).convert("RGB"))[1] - score) > 0.1
+            for session in sessions.values():
+                assert session.folder.exists() and all(path.exists() for path in session.uploads)
+            pages[10].close()  # the first user closes the tab: their session ends
+            deadline = time.monotonic() + 60
+            # The same defect image went through both sessions: the same bytes and name are one upload file, which
+            # stays while the other session holds it.
+            own = sessions[10].uploads - sessions[12].uploads
+            assert {path.name for path in own} == {path.name for path in data[10]}
+            while (sessions[10].folder.exists() or any(path.exists() for path in own)) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not sessions[10].folder.exists() and not any(path.exists() for path in own)
+            assert sessions[12].folder.exists() and all(path.exists() for path in sessions[12].uploads)
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_queue_says_where_you_are_while_another_fit_runs(app, monkeypatch, tmp_path):
+    """With one fit slot, a second user's fit waits, and the page shows its place in the queue."""
+    import threading
+
+    from playwright.sync_api import expect, sync_playwright
+
+    require_chromium()
+    shots = artefacts("queue")
+    release, fit_detector = threading.Event(), app.fitting.fit_detector
+
+    def slow_fit(*args, **kwargs):  # the first fit holds its slot until the second user has seen the queue
+        release.wait(timeout=120)
+        return fit_detector(*args, **kwargs)
+
+    monkeypatch.setattr(app.fitting, "fit_detector", slow_fit)
+    demo = app.build_demo(app.Space(app.DETECTOR, fit_slots=1, root=tmp_path / "sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                first, second = (browser.new_context().new_page() for _ in range(2))
+                for page, seed in ((first, 0), (second, 1)):
+                    page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+                    page.locator("#input-image input[type=file]").wait_for(state="attached", timeout=60_000)
+                    choose_fit_files(page, write_images(tmp_path / f"good{seed}", 10, seed=seed))
+                first.locator("#fit-button").click()
+                first.wait_for_timeout(500)
+                second.locator("#fit-button").click()
+                expect(second.locator("#fit-result").get_by_text(re.compile(r"queue: 1/1"))).to_be_visible(timeout=30_000)
+                second.screenshot(path=str(shots / "waiting.png"), full_page=True)
+                release.set()
+                for page in (first, second):
+                    expect(page.locator("#fit-result")).to_contain_text("Fitted on 10 good images", timeout=120_000)
+            finally:
+                browser.close()
+    finally:
+        release.set()
+        demo.close()
+
+
+@pytest.mark.slow
+def test_push_goes_to_the_signed_in_users_account_with_their_token_only(model_dir, tmp_path):
+    """The Space process holds its owner's HF_TOKEN; a user signs in (OAuth against a loopback provider), fits and
+    pushes: the loopback Hub sees the user's token on every request, and the owner's on none."""
+    from playwright.sync_api import expect
+
+    from .hub_server import serve as serve_hub
+    from .oauth_server import User
+    from .oauth_server import serve as serve_oauth
+
+    require_chromium()
+    shots = artefacts("push")
+    owner_token, user_token = "hf_space_owner_write_token", "hf_alice_oauth_token"
+    hub = serve_hub(tmp_path / "hub", {owner_token: "space-owner", user_token: "alice"})
+    provider = serve_oauth(User("alice", user_token))
+    process, url, _ = start_app(
+        tmp_path,
+        PADIM_MODEL=str(model_dir),  # a configured model: no example to fit at start-up
+        HF_TOKEN=owner_token,  # valid on this Hub: a push that fell back to it would succeed, as the owner
+        HF_ENDPOINT=hub.url,
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(tmp_path / "hf-home"),
+        SYSTEM="spaces",  # with SPACE_ID: what tells Gradio it runs on a Space (gradio.utils.get_space)
+        SPACE_ID="space-owner/padim-space",
+        **provider.space_environment(),
+    )
+    try:
+        for page in open_page(url):
+            page.get_by_role("tab", name="Fit your own detector").click()
+            page.screenshot(path=str(shots / "1-signed-out.png"), full_page=True)
+            page.locator("#login").click()  # to the provider and back: the page reloads
+            deadline = time.monotonic() + 60
+            while not provider.state.tokens_issued and time.monotonic() < deadline:
+                page.wait_for_timeout(250)
+            page.wait_for_load_state("load")
+            page.locator("#input-image input[type=file]").wait_for(state="attached", timeout=60_000)
+            page.get_by_role("tab", name="Fit your own detector").click()
+            expect(page.locator("#login")).to_contain_text("Logout (alice)", timeout=60_000)
+            page.screenshot(path=str(shots / "2-signed-in.png"), full_page=True)
+            choose_fit_files(page, write_images(tmp_path / "good", 10))
+            page.locator("#fit-button").click()
+            expect(page.locator("#fit-result")).to_contain_text("Fitted on 10 good images", timeout=120_000)
+            page.locator("#push-repo").get_by_role("textbox").fill("fabric-detector")
+            page.locator("#push-button").click()
+            expect(page.locator("#push-result")).to_contain_text("Pushed", timeout=120_000)
+            page.screenshot(path=str(shots / "3-pushed.png"), full_page=True)
+    finally:
+        stop_app(process)
+        provider.close()
+    try:
+        assert provider.state.tokens_issued == [user_token]
+        repo = hub.state.repos["alice/fabric-detector"]
+        assert repo.private  # the checkbox's default
+        files = repo.commits[repo.branches["main"]]
+        assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+        sent = {header for header in hub.state.authorizations if header}
+        assert sent == {f"Bearer {user_token}"}, sent
+        assert not any(repo_id.startswith("space-owner/") for repo_id in hub.state.repos)
+    finally:
+        hub.close()
+
+
 def test_padim_revision_pins_the_model_commit(app, model_dir, hub_env, monkeypatch, tmp_path):
     import json
     import shutil
@@ -610,12 +1038,12 @@ def test_padim_revision_pins_the_model_commit(app, model_dir, hub_env, monkeypat
     push_model_commit(changed, "tester/space-pinned")
     monkeypatch.setenv("PADIM_MODEL", "tester/space-pinned")
     monkeypatch.setenv("PADIM_REVISION", first.oid)
-    pinned, message = app.load_detector(app.model_source(), app.model_revision())
+    pinned, message = app.startup_detector()
     assert pinned is not None, message
     assert pinned.config.image_threshold == pytest.approx(app.DETECTOR.config.image_threshold)
     assert first.oid in app.model_card_markdown(pinned)
     monkeypatch.delenv("PADIM_REVISION")
-    latest, message = app.load_detector(app.model_source(), app.model_revision())
+    latest, message = app.startup_detector()
     assert latest.config.image_threshold == 123.0
 
 
