@@ -44,6 +44,7 @@ from .data import contiguous_shard, dataset_shard, decode_image, drop_unreadable
 from .files import atomic_model_directory, check_replaceable, dataset_reference
 from .gaussian import PatchStatistics
 from .image_processing_padim import PadimImageProcessor
+from .memory import check_fit_memory, parse_memory
 from .modeling_padim import PadimModel
 from .resolution import is_auto, parse_image_size, parse_size, resolve_image_size, training_image_sizes, warn_if_squashed
 from .weights import LITE0_BACKBONE, export_lite0_weights
@@ -371,6 +372,7 @@ def fit_padim(
     calibration_data: Dataset | IterableDataset | Iterable | None = None,
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     holdout_seed: int = 0,
+    memory_limit: int | None = None,
 ) -> PadimModel:
     """Fits the per-position Gaussians of `model` on defect-free images and sets its thresholds from good images
     alone (see `padim_hf.calibration`); returns the model.
@@ -396,6 +398,10 @@ def fit_padim(
         calibration_data: good images to calibrate on instead of a holdout (same kinds as `data`); they are also
             added to the Gaussian after being scored.
         false_alarm_rate: the target share of good parts flagged as defective (see `padim_hf.calibration`).
+        memory_limit: bytes the fit may use on its device; default: the memory available there now (RAM shared by
+            the processes of this machine, or the GPU's free memory). A fit whose estimated peak
+            (`padim_hf.memory.estimate_fit_memory`) exceeds it raises `InsufficientMemoryError` before any image is
+            read or the backbone runs.
 
     Several processes: each fits its own shard; the exact shifted sums are reduced in place onto the main process,
     which alone factorises (held-out images are gathered there first). The reduction is the last collective
@@ -415,11 +421,13 @@ def fit_padim(
     device = model_device(accelerator)
     if model.config.num_train_images == 0:
         model.gaussian.release_()  # an unfitted model's placeholder factor (2.4 GB for WR50-Rd550): never moved or kept
-    model.to(device)
     # Devices without float64 (MPS) run the backbone; the statistics and their float64 steps stay on the CPU.
     statistics_device = device if supports_float64(device) else torch.device("cpu")
     rank, world = accelerator.process_index, accelerator.num_processes
     data_holdout, calibration_holdout = _holdout_plan(data, holdout_fraction, calibration_data, holdout_seed)
+    # Refused here, before anything is read or run, rather than killed by the operating system halfway.
+    check_fit_memory(model.config, batch_size, held_out_capacity(data_holdout, calibration_holdout), statistics_device, memory_limit)
+    model.to(device)
     loaders = [_fit_loader(data, rank, world, processor, data_holdout, batch_size, num_workers)]
     if calibration_data is not None:
         loaders.append(_fit_loader(calibration_data, rank, world, processor, calibration_holdout, batch_size, num_workers))
@@ -459,6 +467,11 @@ def fit_padim(
     with accelerator.autocast():
         _finalise(model, statistics, candidates, holdout, false_alarm_rate, batch_size, device, statistics_device)
     return model
+
+
+def held_out_capacity(*holdouts: "_Holdout | None") -> int:
+    """The most images a fit keeps in memory for calibration (pixel values), given its holdout plan."""
+    return max((holdout.capacity for holdout in holdouts if holdout is not None), default=0)
 
 
 def _holdout_plan(
@@ -674,6 +687,14 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--calibration-data", help="calibrate on the good images of this folder or dataset instead")
 
 
+def memory_argument(text: str) -> int:
+    """argparse type for --memory-limit: `parse_memory` with argparse's error."""
+    try:
+        return parse_memory(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
     parser.add_argument("--output-dir", required=True, type=Path, help="model directory to write")
@@ -688,6 +709,11 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-random-backbone", action="store_true", help="fit on random backbone weights")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="backbone autocast")
+    parser.add_argument(
+        "--memory-limit", type=memory_argument, metavar="SIZE",
+        help="refuse (before reading any image) a fit whose estimated peak exceeds SIZE, e.g. 8GB or 6GiB "
+        "(default: the memory available now on the fit's device, shared by this machine's processes)",
+    )
     add_config_override_arguments(parser)
     add_calibration_arguments(parser)
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="push the fitted model to this Hub repo")
@@ -722,19 +748,25 @@ def fit(args: argparse.Namespace) -> Path | None:
         image_column=args.image_column, mask_column=args.mask_column, label_column=args.label_column,
     )
     overrides = resolve_auto_image_size(args.config, dataset, {field: getattr(args, field) for field in CONFIG_FIELDS})
-    model = build_model(
-        args.config, backbone_weights=args.backbone_weights, allow_random_backbone=args.allow_random_backbone, **overrides
-    )
     calibration_data = None
     if args.calibration_split or args.calibration_data:
         if args.calibration_split == args.split:
             raise ValueError(f"--calibration-split {args.split} is the training split: hold out part of it instead")
         calibration_data = calibration_images(args.calibration_data or args.data, args.calibration_split or "train", args)
+    # The memory check runs on the config, before the model (and its placeholder Gaussian) exists.
+    config, _ = build_config(args.config, **overrides)
+    plan = _holdout_plan(dataset, args.holdout_fraction, calibration_data, args.holdout_seed)
+    need = check_fit_memory(config, args.batch_size, held_out_capacity(*plan), model_device(accelerator), args.memory_limit)
+    logger.info("estimated peak memory of this fit: %s", need.describe())
+    model = build_model(
+        args.config, backbone_weights=args.backbone_weights, allow_random_backbone=args.allow_random_backbone, **overrides
+    )
     started = time.perf_counter()
     model = fit_padim(
         model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
         allow_random_backbone=args.allow_random_backbone, holdout_fraction=args.holdout_fraction,
         calibration_data=calibration_data, false_alarm_rate=args.false_alarm_rate, holdout_seed=args.holdout_seed,
+        memory_limit=args.memory_limit,
     )
     if not accelerator.is_main_process:
         return None  # no barrier: the main process may take as long as it needs to save and push
