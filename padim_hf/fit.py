@@ -471,8 +471,8 @@ def fit_padim(
         loaders.append(_fit_loader(calibration_data, rank, world, processor, calibration_holdout, batch_size, num_workers))
     holdout = data_holdout or calibration_holdout
     held = _HeldOut(holdout.capacity if holdout is not None else 0)
-    totals = [len(loader.dataset) if hasattr(loader.dataset, "__len__") and not isinstance(loader.dataset, TorchIterableDataset) else None for loader in loaders]
-    total = None if None in totals else sum(totals)
+    sized = [loader.dataset for loader in loaders if not isinstance(loader.dataset, TorchIterableDataset)]
+    total = sum(len(share) for share in sized) if len(sized) == len(loaders) and all(hasattr(s, "__len__") for s in sized) else None
     bar = tqdm(total=total, unit="img", desc=f"fit [{device}]", disable=not (progress and accelerator.is_local_main_process))
     seen = 0
 
