@@ -4,7 +4,7 @@ import argparse
 import logging
 import sys
 
-from . import benchmark, calibration, demo, evaluate, export, fit, predict
+from . import benchmark, calibration, demo, evaluate, export, fit, predict, sweep
 from .hub import HubPushError
 from .modeling_padim import NotFittedError
 
@@ -27,7 +27,7 @@ def push_main(argv: list[str]) -> None:
 
 COMMANDS = {
     "fit": fit.main, "calibrate": calibration.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
-    "benchmark": benchmark.main, "export": export.main,
+    "benchmark": benchmark.main, "export": export.main, "sweep": sweep.main,
 }
 # Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says what
 # to fix. Anything else (a CUDA out-of-memory error, a bug) keeps its traceback: hiding it would hide the cause.
