@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ def _run_size(job: dict) -> dict:
         "num_test_images": result.num_images,
         "grid": f"{model.grid_shape[0]}x{model.grid_shape[1]}",
         "positions": model.num_positions,
+        "process": os.getpid(),
     }
 
 
