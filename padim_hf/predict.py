@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = predict(args)
     print(f"{len(rows)} heatmaps and predictions.json/.csv in {args.output_dir}")
+    if rows and rows[0]["label"] is not None:
+        flagged = sum(row["label"] == "anomalous" for row in rows)
+        print(f"{flagged} of {len(rows)} images flagged as anomalous")
+    else:
+        print("no verdicts: the model has no threshold (padim-hf calibrate --model M --good-images DIR sets one)")
 
 
 if __name__ == "__main__":
