@@ -231,18 +231,20 @@ def _held_out(train) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="padim-hf sweep", description=__doc__.split("\n\n")[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="padim-hf sweep", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--data", required=True, type=Path, help="one product's MVTec-style folder (train/good, test, ground_truth)")
     parser.add_argument(
         "--image-size", required=True, nargs="+", type=parse_image_size, metavar="SIZE",
         help="sizes to compare: SIDE (a square), HEIGHTxWIDTH, 'auto' (the training images' aspect ratio at the "
         "preset's pixel count) or 'auto:SIDE' (at SIDE x SIDE pixels), e.g. 256 auto:256 512 auto:512",
     )
-    parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file (default: %(default)s)")
+    parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
     parser.add_argument("--output-dir", required=True, type=Path, help="models, per-size results and the tables go here")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="original",
-                        help="pixel metrics at each image's own size (original, fair across sizes) or at the model's (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default: %(default)s)")
+                        help="pixel metrics at each image's own size (original, fair across sizes) or at the model's ")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--backbone-weights", help="'hub', 'lite0-offline' or a .safetensors file (default: the preset's)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
     parser.add_argument("--in-process", action="store_true",

@@ -366,3 +366,16 @@ def test_evaluate_reports_the_verdicts_of_the_good_only_threshold_and_labelled_c
     # Back to good-only thresholds at any rate, without refitting or new images.
     calibrate(labelled)
     assert labelled.config.image_threshold == threshold and labelled.config.calibration["method"] == GOOD_ONLY
+
+
+def test_fit_cli_calibrates_on_a_separate_folder_of_good_images(demo_data, tmp_path, capsys):
+    from padim_hf.cli import main
+
+    good = demo_data / "test" / "good"  # 3 images the fit would not otherwise see
+    main(["fit", "--data", str(demo_data), "--output-dir", str(tmp_path / "model"), "--config", "padim-lite0-offline",
+          "--image-size", "64", "--n-features", "16", "--cpu", "--calibration-data", str(good), "--false-alarm-rate", "0.2"])
+    assert "Flags about 1 in 4 good parts" in capsys.readouterr().out and "from 3 separate good images" in describe_calibration(
+        PadimModel.from_pretrained(tmp_path / "model").config)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["num_train_images"] == 23 and config["calibration"]["num_images"] == 3
+    assert config["calibration"]["source"] == {"kind": "calibration_data", "num_images": 3, "name": "good", "split": None}
