@@ -711,8 +711,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unreadable", action="store_true", help="drop (and list) unreadable images instead of failing")
 
 
-def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
-    """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset."""
+def add_config_override_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset, except
+    the fields in `exclude` (a command that defines its own flag for them)."""
     kinds = {
         "layers": int, "n_features": int, "seed": int, "image_size": parse_image_size, "crop_size": parse_size,
         "epsilon": float, "blur_sigma": float,
@@ -722,7 +723,7 @@ def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
         "aspect ratio at the preset's pixel count, 'auto:SIDE' at SIDE x SIDE pixels (default: the preset's, 256)",
         "crop_size": "centre crop after the resize: SIDE or HEIGHTxWIDTH (default: the preset's, none for lite0)",
     }
-    for field in CONFIG_FIELDS:
+    for field in (field for field in CONFIG_FIELDS if field not in exclude):
         parser.add_argument(
             f"--{field.replace('_', '-')}", type=kinds.get(field, str), nargs="+" if field == "layers" else None,
             help=helps.get(field, f"{CONFIG_FIELD_HELP[field]} (default: the preset's)"),
