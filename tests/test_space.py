@@ -836,6 +836,14 @@ def defect_file(folder: Path, kind: str = "hole", size: int = 96) -> Path:
     return folder / f"{kind}.png"
 
 
+def made_files() -> set[Path]:
+    """Model zips and heatmaps in Gradio's upload folder (where the Space's session folders live)."""
+    from gradio.utils import get_upload_folder
+
+    root = Path(get_upload_folder())
+    return {*root.rglob("padim-model.zip"), *root.rglob("heatmap-*.png")}
+
+
 def fitted_sessions(app, demo=None) -> dict:
     return {key: s for key, s in (demo or app.demo).space.sessions.snapshot().items() if s.detector is not None}
 
@@ -922,6 +930,7 @@ def test_two_sessions_fitting_at_once_get_their_own_models(app, server, tmp_path
     data = {10: write_images(tmp_path / "fabric", 10, kind="fabric"), 12: write_images(tmp_path / "grey", 12, kind="texture")}
     defect = defect_file(tmp_path / "test")
     before = set(fitted_sessions(app))
+    made_before = made_files()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -959,6 +968,11 @@ def test_two_sessions_fitting_at_once_get_their_own_models(app, server, tmp_path
                 time.sleep(0.5)
             assert not sessions[10].folder.exists() and not any(path.exists() for path in own)
             assert sessions[12].folder.exists() and all(path.exists() for path in sessions[12].uploads)
+            # Nothing the sessions made was copied elsewhere by Gradio: every model zip and heatmap made during this
+            # test that is still on disk lies in a live session's folder (Gradio serves its upload folder as it is).
+            live = {session.folder for session in app.demo.space.sessions.snapshot().values()}
+            made = made_files() - made_before
+            assert made and all(path.parent in live for path in made), made
         finally:
             browser.close()
 
