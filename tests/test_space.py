@@ -1021,6 +1021,36 @@ def test_queue_says_where_you_are_while_another_fit_runs(app, monkeypatch, tmp_p
 
 
 @pytest.mark.slow
+def test_browser_fit_shows_padim_hfs_progress_bar(app, monkeypatch, tmp_path):
+    """The Fit button's progress bar is fit_padim's own (tqdm, tracked by Gradio), with the image count as its total.
+    Reading the images is slowed down here so that the page can be looked at mid-fit."""
+    from playwright.sync_api import expect
+
+    require_chromium()
+
+    class SlowImages(list):  # the second batch (images 17-20) takes 4 s to read: the bar stands at 16/20 meanwhile
+        def __iter__(self):
+            for index, image in enumerate(super().__iter__()):
+                time.sleep(1.0 if index >= 16 else 0.0)
+                yield image
+
+    fit_detector = app.fitting.fit_detector
+    monkeypatch.setattr(app.fitting, "fit_detector", lambda images, size, **kw: fit_detector(SlowImages(images), size, **kw))
+    demo = app.build_demo(app.Space(app.DETECTOR, root=tmp_path / "sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        for page in open_page(f"http://127.0.0.1:{port}/"):
+            choose_fit_files(page, write_images(tmp_path / "good", 20))
+            page.locator("#fit-button").click()
+            expect(page.locator("#fit-result")).to_contain_text(re.compile(r"16/20 img.*fit \[cpu\] - 80\.0%", re.S), timeout=60_000)
+            page.screenshot(path=str(artefacts("progress") / "fitting.png"), full_page=True)
+            expect(page.locator("#fit-result")).to_contain_text("Fitted on 20 good images", timeout=120_000)
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
 def test_push_goes_to_the_signed_in_users_account_with_their_token_only(model_dir, tmp_path):
     """The Space process holds its owner's HF_TOKEN; a user signs in (OAuth against a loopback provider), fits and
     pushes: the loopback Hub sees the user's token on every request, and the owner's on none."""
