@@ -379,3 +379,12 @@ def test_fit_cli_calibrates_on_a_separate_folder_of_good_images(demo_data, tmp_p
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["num_train_images"] == 23 and config["calibration"]["num_images"] == 3
     assert config["calibration"]["source"] == {"kind": "calibration_data", "num_images": 3, "name": "good", "split": None}
+
+
+def test_calibrate_warns_that_existing_exports_keep_the_old_thresholds(calibrated, tmp_path, caplog):
+    from padim_hf.cli import main
+
+    model_dir = save_fitted(calibrated, tmp_path / "model")
+    (model_dir / "onnx").mkdir()  # an export folder: its graph holds the thresholds as constants
+    main(["calibrate", "--model", str(model_dir), "--false-alarm-rate", "0.5"])
+    assert f"{model_dir / 'onnx'}/ still hold the old thresholds" in caplog.text
