@@ -238,24 +238,31 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
     parser.add_argument("--output-dir", required=True, type=Path, help="models, per-category results and tables go here")
     parser.add_argument("--categories", nargs="+", help="only these categories (default: every category folder)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="model")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="model", help="pixel-metric protocol (see padim-hf evaluate --help)")
     parser.add_argument(
         "--calibration-fraction", type=float,
         help="per category, this fraction of the test split (stratified, seed 0) chooses thresholds and is left out of the metrics",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    parser.add_argument("--num-workers", type=int, default=0, help="extra processes decoding images")
     parser.add_argument("--backbone-weights", help="'hub', 'lite0-offline' or a .safetensors file (default: the preset's)")
-    parser.add_argument("--allow-random-backbone", action="store_true")
-    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--allow-random-backbone", action="store_true", help="fit on random backbone weights (tests only)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     add_config_override_arguments(parser)
     parser.add_argument("--push-to-hub", metavar="ORG", help="push each model as ORG/padim-<preset>-<category>")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repos private")
+    parser.add_argument("--token", help="Hub write token (default: HF_TOKEN or `hf auth login`)")
+
+
+BENCHMARK_DESCRIPTION = """Fit and evaluate every category folder of an MVTec-style root with one preset: a model per category
+in OUTPUT_DIR/<category>/model and a results table (results.md, .csv, .json). Finished categories are
+skipped, so an interrupted run resumes where it stopped."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="padim-hf benchmark", description=__doc__.splitlines()[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="padim-hf benchmark", description=BENCHMARK_DESCRIPTION, formatter_class=HelpFormatter)
     add_benchmark_arguments(parser)
     args = parser.parse_args(argv)
     result = run_benchmark(
@@ -269,5 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         print(result.markdown)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m padim_hf.benchmark` (torchrun, accelerate launch): the command line's logging and errors
+    import sys
+
+    from padim_hf.cli import main as command_line
+
+    command_line(["benchmark", *sys.argv[1:]])

@@ -298,6 +298,16 @@ def calibrate(
     Dataset or PIL images of good parts, e.g. recent ones from the line after a change of lighting), those images are
     scored by the fitted model and replace the stored scores; they are not added to the Gaussian.
     `false_alarm_rate` defaults to the stored target, else 1 %.
+
+    Example:
+
+    ```python
+    from padim_hf import calibrate, describe_calibration, load_fitted
+    model, processor = load_fitted("models/bottle")
+    calibrate(model, false_alarm_rate=0.001)                 # from the held-out scores fit_padim stored
+    calibrate(model, "recent/good/", false_alarm_rate=0.01)  # from new good images
+    print(describe_calibration(model.config))
+    ```
     """
     record = model.config.calibration or {}
     # A labelled (evaluate) calibration keeps the good-only record it replaced under "good_only".
@@ -308,7 +318,7 @@ def calibrate(
         if record.get("method") != GOOD_ONLY or not record.get("scores"):
             raise ValueError(
                 "this model stores no held-out good scores (it was fitted without a holdout, or its thresholds come "
-                "from labelled calibration): pass good images (--good-images DIR)"
+                "from labelled calibration): pass good images (`good_images=...`)"
             )
         source = record.get("source")
         pixel_quantiles = record.get("pixel_score_quantiles")
@@ -348,13 +358,16 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
         "--good-images", nargs="+",
         help="folders or files of good images to score instead of the held-out scores stored with the model",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
     parser.add_argument("--cpu", action="store_true", help="score on the CPU even if a GPU is present")
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="padim-hf calibrate",
+        formatter_class=HelpFormatter,
         description="Set a fitted model's thresholds at a chosen false-alarm rate from good images alone "
         "(rewrites config.json atomically; nothing else changes).",
     )

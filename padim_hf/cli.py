@@ -1,60 +1,133 @@
-"""`padim-hf`: fit, calibrate, evaluate, predict, push, demo, benchmark, export."""
+"""`padim-hf`: the command line. Each command parses its options and calls the Python API (see `padim_hf`).
+
+Nothing heavy is imported until a command runs, so `padim-hf` and `padim-hf --help` answer at once.
+"""
 
 import argparse
+import importlib
 import logging
+import re
 import sys
 
-from . import benchmark, calibration, demo, evaluate, export, fit, predict
-from .hub import HubPushError
-from .modeling_padim import NotFittedError
-
-
-def push_main(argv: list[str]) -> None:
-    from .hub import push_model
-
-    parser = argparse.ArgumentParser(prog="padim-hf push", description="Push a model directory to the Hub in one commit.")
-    parser.add_argument("model_dir")
-    parser.add_argument("repo_id")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--revision", help="branch to push to (created if missing)")
-    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
-    parser.add_argument("--export", nargs="+", choices=("onnx", "openvino"), default=(),
-                        help="also export to these formats and upload them to onnx/ / openvino/ in the same commit")
-    args = parser.parse_args(argv)
-    print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
-                     export=args.export))
-
-
-COMMANDS = {
-    "fit": fit.main, "calibrate": calibration.main, "evaluate": evaluate.main, "predict": predict.main, "push": push_main, "demo": demo.main,
-    "benchmark": benchmark.main, "export": export.main,
+# Command -> ("module:function" taking the command's arguments, one line for the command list). In the order a user needs them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("padim_hf.demo:main", "make a small synthetic dataset, then fit, evaluate and predict on it (no download)"),
+    "fit": ("padim_hf.fit:main", "fit a model on good images (a folder or a Hub dataset) and save it"),
+    "calibrate": ("padim_hf.calibration:main", "set a model's threshold from good images at a target false-alarm rate"),
+    "evaluate": ("padim_hf.evaluate:main", "measure AUROC/AUPRO/F1 on a labelled test split and set thresholds"),
+    "predict": ("padim_hf.predict:main", "score images: heatmaps and predictions.csv/json"),
+    "export": ("padim_hf.export:main", "export a fitted model to ONNX or OpenVINO (runs without PyTorch)"),
+    "push": ("padim_hf.cli:push_main", "upload a model folder to the Hugging Face Hub in one commit"),
+    "benchmark": ("padim_hf.benchmark:main", "fit and evaluate every category of an MVTec-style folder"),
+    "sweep": ("padim_hf.sweep:main", "fit and evaluate one product at several input sizes: a table to choose one"),
 }
-# Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says what
-# to fix. Anything else (a CUDA out-of-memory error, a bug) keeps its traceback: hiding it would hide the cause.
-EXPECTED_ERRORS = (ValueError, OSError, HubPushError, NotFittedError)
 INTERRUPTED = {
     # fit writes its model into a hidden staging folder renamed into place only when complete
     "fit": "interrupted; no model was written (the output directory is as it was)",
 }
-USAGE = f"usage: padim-hf [--debug] {{{','.join(COMMANDS)}}} ...  (padim-hf COMMAND --help; --debug: full tracebacks)"
+# Python-API spellings in messages (`overwrite=True`, `output_dir=`) and the command line's options for them.
+PYTHON_OPTION = re.compile(r"`(\w+)=(True|\.\.\.|'[^'`]*')`")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's help: descriptions as written, and each option's default after its help text whenever it
+    has one worth showing (not for switches, and not where the text already says what happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == [] or default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: what padim-hf does, the command list (one line each) and the options every command
+    takes. Commands parse their own options (`padim-hf COMMAND --help`)."""
+    width = max(len(name) for name in COMMANDS) + 2
+    listing = "\n".join(f"  {name.ljust(width)}{summary}" for name, (_, summary) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="padim-hf",
+        usage="padim-hf [--verbose] [--debug] COMMAND [options]",
+        description="PaDiM anomaly detection: fit a defect detector on good images, evaluate it, look at heatmaps,\n"
+        "share it on the Hugging Face Hub, export it.\n\ncommands:\n" + listing,
+        epilog="Run `padim-hf COMMAND --help` for a command's options. New here? `padim-hf demo --output-dir padim-demo`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the library's and its dependencies' log messages")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of every error (implies --verbose)")
+    return parser
+
+
+def push_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="padim-hf push",
+        description="Upload a model folder to the Hugging Face Hub in one commit: config, weights, image processor,\n"
+        "the code that `trust_remote_code=True` users need, and a model card with the evaluation metrics.\n"
+        "Other files in the folder stay on your machine. The token comes from HF_TOKEN or `hf auth login`.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("model_dir", help="the model folder written by fit (or evaluate)")
+    parser.add_argument("repo_id", help="Hub repository, e.g. my-org/padim-bottle (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository private (when it is new)")
+    parser.add_argument("--revision", help="branch to push to (created if missing; default: main)")
+    parser.add_argument("--token", help="Hub write token (default: HF_TOKEN or `hf auth login`)")
+    parser.add_argument("--export", nargs="+", choices=("onnx", "openvino"), default=[],
+                        help="also export to these formats and upload them to onnx/ and openvino/ in the same commit")
+    args = parser.parse_args(argv)
+    from .hub import push_model
+
+    print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+                     export=args.export))
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says
+    what to fix. Anything else (a CUDA out-of-memory error, a bug) keeps its traceback: hiding it would hide the
+    cause. Imported only once a command has run (their modules import torch)."""
+    errors: list[type[BaseException]] = [ValueError, OSError]
+    for module, name in (("padim_hf.hub", "HubPushError"), ("padim_hf.modeling_padim", "NotFittedError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+def as_command_line(message: str) -> str:
+    """A Python API message as a command-line user reads it: `overwrite=True` -> `--overwrite`,
+    `output_dir=...` -> `--output-dir`, `engine='openvino'` -> `--engine openvino`."""
+    def option(match: re.Match) -> str:
+        flag, value = f"--{match.group(1).replace('_', '-')}", match.group(2)
+        return f"`{flag} {value.strip(chr(39))}`" if value.startswith("'") else f"`{flag}`"
+
+    return PYTHON_OPTION.sub(option, message)
+
+
+def configure_logging(verbose: bool) -> None:
+    """The command line shows padim_hf's INFO messages (progress, what was skipped) and only warnings from other
+    libraries, unless --verbose. Only this entry point configures logging; the library never does."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("padim_hf").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [arg for arg in argv if arg != "--debug"]
+    # --verbose/--debug may come anywhere (`padim-hf fit ... --debug`): they are taken out before the command parses.
+    debug, verbose = "--debug" in argv, "--verbose" in argv or "--debug" in argv
+    argv = [arg for arg in argv if arg not in ("--debug", "--verbose")]
+    parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr)
-        sys.exit(2)
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"padim-hf: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+            sys.exit(2)
+        parser.print_help()
+        sys.exit(0)
     command = argv[0]
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
+    module, function = COMMANDS[command][0].split(":")
+    run = getattr(importlib.import_module(module), function)
     try:
-        COMMANDS[command](argv[1:])
-    except EXPECTED_ERRORS as error:
-        if debug:
-            raise
-        print(f"padim-hf {command}: error: {error}  (--debug shows the traceback)", file=sys.stderr)
-        sys.exit(1)
+        run(argv[1:])
     except KeyboardInterrupt as interruption:
         if debug:
             raise
@@ -62,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         detail = f"interrupted; {interruption}" if str(interruption) else INTERRUPTED.get(command, "interrupted")
         print(f"padim-hf {command}: {detail}", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:
+        if debug or not isinstance(error, expected_errors()):
+            raise
+        print(f"padim-hf {command}: error: {as_command_line(str(error))}  (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,56 @@
 """PaDiM model configuration."""
 
 import copy
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path, PureWindowsPath
 
 import torch
 import timm
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .files import without_local_paths
+
+# config.json is published with the model: the data it was fitted and evaluated on is recorded as a Hub id or a
+# folder name, never an absolute local path (user and customer names). These helpers live here, in a file every model
+# folder carries for trust_remote_code, because `PadimConfig.to_dict` applies them.
+WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
+
+
+def dataset_reference(source: str | os.PathLike | None) -> str | None:
+    """What a model records about its data: a Hub dataset id (or any text that is not a local path) as it is, a
+    local folder as its name only: an absolute path carries user and customer names and must not be published."""
+    if source is None:
+        return None
+    text = os.fspath(source)
+    if WINDOWS_PATH.match(text):
+        return PureWindowsPath(text).name or text
+    if is_absolute_path(text):
+        return Path(text).expanduser().name or text
+    path = Path(text)
+    if ".." in path.parts or (path.exists() and len(path.parts) > 1):  # a local folder given relatively
+        return path.resolve().name or text
+    return text
+
+
+def without_local_paths(value):
+    """`value` (JSON-like: dicts, lists, strings) with every absolute local path reduced to its last component, and
+    dataset references (`train_dataset`, a dataset's `name`) to Hub ids or folder names (`dataset_reference`)."""
+    if isinstance(value, dict):
+        return {
+            key: dataset_reference(item) if key in ("train_dataset", "name") and isinstance(item, str) else without_local_paths(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and is_absolute_path(value):
+        return PureWindowsPath(value).name if WINDOWS_PATH.match(value) else Path(value).expanduser().name
+    return value
+
+
+def is_absolute_path(text: str) -> bool:
+    return text.startswith(("/", "~")) or WINDOWS_PATH.match(text) is not None
 
 
 def backbone_stage_channels(backbone: str) -> list[int]:

@@ -103,7 +103,7 @@ def hub_split(
     """
     if is_saved_dataset(Path(name)):
         if streaming:
-            raise ValueError(f"{name} is a save_to_disk folder, which cannot be streamed; drop --streaming")
+            raise ValueError(f"{name} is a save_to_disk folder, which cannot be streamed; drop `streaming=True`")
         dataset = load_from_disk(name)
         dataset = dataset[split] if hasattr(dataset, "keys") else dataset
     else:
@@ -149,7 +149,16 @@ def is_mvtec_folder(path: Path) -> bool:
 
 def load_split(source: str, split: str, **hub_options) -> Dataset | IterableDataset:
     """A split from an MVTec-style folder, a saved `datasets` folder, a local copy of a Hub dataset repository,
-    or a Hub dataset id."""
+    or a Hub dataset id, with the columns image, mask, label (0 good, 1 anomalous) and path.
+
+    Example:
+
+    ```python
+    from padim_hf import load_split
+    test = load_split("path/to/bottle", "test")          # test/<defect>/*.png + ground_truth/<defect>/*_mask.png
+    test = load_split("my-org/parts", "test", image_column="photo", label_column="defective")
+    ```
+    """
     path = Path(source)
     if path.is_dir() and not is_saved_dataset(path) and (is_mvtec_folder(path) or not any(path.iterdir())):
         return mvtec_split(path, split)

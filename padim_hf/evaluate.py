@@ -99,7 +99,15 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def load_fitted(name: str, cpu: bool = False) -> tuple[PadimModel, PadimImageProcessor]:
-    """A fitted model (local directory or Hub repo id) on the GPU when there is one, and its image processor."""
+    """A fitted model (local directory or Hub repo id) on the GPU when there is one, and its image processor.
+
+    Example:
+
+    ```python
+    from padim_hf import load_fitted
+    model, processor = load_fitted("models/bottle")      # or "my-org/padim-bottle"
+    ```
+    """
     if name.startswith((".", "/", "~")) and not Path(name).is_dir():
         raise FileNotFoundError(f"model directory not found: {name}")
     model = PadimModel.from_pretrained(name)
@@ -248,6 +256,15 @@ def evaluate_padim(
     with `calibration_seed` (stratified by label); its images are left out of the metrics and give the
     thresholds and score range. Runs on the model's device; under `torchrun` pass an `Accelerator(cpu=...)` of
     the launched processes.
+
+    Example:
+
+    ```python
+    from padim_hf import evaluate_padim, load_fitted, load_split
+    model, processor = load_fitted("models/bottle")
+    result = evaluate_padim(model, load_split("path/to/bottle", "test"), calibration=0.5)
+    print(result.report())          # image_auroc, pixel_auroc, pixel_aupro, f1-max, thresholds...
+    ```
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -430,13 +447,23 @@ def save_evaluation(
 
     Without `output_dir` the local `model_dir`'s config.json is rewritten atomically; with it, the whole model is
     written there (replacing only a PaDiM model or an empty folder, crash-safely). Returns the folder written.
+
+    Example:
+
+    ```python
+    from padim_hf import evaluate_padim, load_fitted, load_split, save_evaluation
+    model, processor = load_fitted("models/bottle")
+    test = load_split("path/to/bottle", "test")
+    result = evaluate_padim(model, test, processor=processor, calibration=0.5)
+    save_evaluation(model, processor, test, result, "models/bottle")   # thresholds, metrics, gallery.png
+    ```
     """
     target = Path(output_dir or model_dir)
     if output_dir:
         with atomic_model_directory(target, overwrite=True) as staging:
             model.save_pretrained(staging)
     elif not Path(model_dir).is_dir():
-        raise ValueError(f"{model_dir} is not a local directory: pass --output-dir to save the evaluated model")
+        raise ValueError(f"{model_dir} is not a local directory: pass `output_dir=...` to save the evaluated model")
     else:
         update_config_file(target, model)
     if not math.isnan(result.pixel_auroc):
@@ -494,22 +521,23 @@ def evaluate(args: argparse.Namespace) -> dict:
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory or Hub repo id")
     add_data_arguments(parser)
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", help="labelled split to evaluate on")
     parser.add_argument(
         "--protocol", choices=PROTOCOLS, default="model",
         help="model: pixel metrics at the model's input resolution, masks resized and cropped like the images "
         "(the paper's protocol); original: at each image's size, a crop margin filled with the map's border values",
     )
-    parser.add_argument("--calibration-split", help="split whose images choose thresholds and score range")
+    parser.add_argument("--calibration-split", help="split whose images choose the thresholds and score range (e.g. validation)")
     parser.add_argument(
         "--calibration-fraction", type=float,
         help="take this fraction of the evaluated split (stratified by label) for calibration instead; left out of the metrics",
     )
-    parser.add_argument("--calibration-seed", type=int, default=0)
+    parser.add_argument("--calibration-seed", type=int, default=0, help="seed of the --calibration-fraction draw")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--output-dir", help="save the evaluated model here (required for Hub models)")
-    parser.add_argument("--no-save", action="store_true", help="do not store thresholds and metrics")
-    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--output-dir", help="save the evaluated model here (default: update --model's folder; required "
+                        "for Hub models)")
+    parser.add_argument("--no-save", action="store_true", help="only print the metrics: store no thresholds or metrics")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
 
 
 def print_report(report: dict, as_json: bool) -> None:
@@ -522,8 +550,17 @@ def print_report(report: dict, as_json: bool) -> None:
         print(f"{name:<{width}}  {text}")
 
 
+EVALUATE_DESCRIPTION = """Measure a fitted model on a labelled test split: image and pixel AUROC, AUPRO and F1-max.
+
+Thresholds (and the score range behind normalised scores) come from calibration images only
+(--calibration-split or --calibration-fraction), which the metrics leave out. The thresholds, the
+metrics and a gallery.png are stored in the model folder unless --no-save."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="padim-hf evaluate", description=__doc__.splitlines()[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="padim-hf evaluate", description=EVALUATE_DESCRIPTION, formatter_class=HelpFormatter)
     add_evaluate_arguments(parser)
     args = parser.parse_args(argv)
     report = evaluate(args)
@@ -531,5 +568,7 @@ def main(argv: list[str] | None = None) -> None:
         print_report(report, args.json)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m padim_hf.evaluate` (torchrun, accelerate launch): the command line's logging and errors
+    from padim_hf.cli import main as command_line
+
+    command_line(["evaluate", *sys.argv[1:]])

@@ -136,7 +136,7 @@ def _staged_export(output_dir: str | Path, names: list[str]):
     existing = [name for name in names if (output_dir / name).exists()]
     if existing:
         raise FileExistsError(
-            f"{output_dir} already holds {', '.join(existing)}: export writes only new files (choose another --output-dir)"
+            f"{output_dir} already holds {', '.join(existing)}: export writes only new files (choose another `output_dir=...`)"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=".padim-export-", dir=output_dir))
@@ -242,7 +242,8 @@ def resolve_export_folder(model: str | Path, engine: str) -> Path:
             if (folder / marker).is_file() and (folder / EXPORT_CONFIG).is_file():
                 return folder
         raise FileNotFoundError(
-            f"{path} holds no {subfolder} export ({marker} + {EXPORT_CONFIG}): run `padim-hf export --model MODEL "
+            f"{path} holds no {subfolder} export ({marker} + {EXPORT_CONFIG}): export it first, with "
+            f"`export_model('{path}', '{path / subfolder}', '{subfolder}')` or `padim-hf export --model {path} "
             f"--format {subfolder} --output-dir {path / subfolder}`"
         )
     if str(model).startswith((".", "/", "~")):
@@ -251,7 +252,7 @@ def resolve_export_folder(model: str | Path, engine: str) -> Path:
 
     folder = Path(snapshot_download(str(model), allow_patterns=[f"{subfolder}/*"])) / subfolder
     if not (folder / marker).is_file():
-        raise FileNotFoundError(f"Hub repo {model} has no {subfolder}/{marker}: push it with `padim-hf push --export {subfolder}`")
+        raise FileNotFoundError(f"Hub repo {model} has no {subfolder}/{marker}: push it with `push(..., export=['{subfolder}'])` or `padim-hf push --export {subfolder}`")
     return folder
 
 
@@ -259,7 +260,17 @@ EXPORTERS = {"onnx": export_onnx, "openvino": export_openvino}
 
 
 def export(model: PadimModel | str | Path, output_dir: str | Path, format: str = "onnx") -> list[Path]:
-    """Exports a fitted model (a `PadimModel`, a saved model directory or a Hub repo id) to `format` in `output_dir`."""
+    """Exports a fitted model (a `PadimModel`, a saved model directory or a Hub repo id) to `format` in `output_dir`;
+    returns the files written. Needs the export extra (`pip install "padim-hf[export]"`).
+
+    Example:
+
+    ```python
+    from padim_hf import export_model
+    export_model("models/bottle", "models/bottle/onnx", "onnx")
+    export_model("models/bottle", "models/bottle/openvino", "openvino")
+    ```
+    """
     if format not in EXPORTERS:
         raise ValueError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
     if not isinstance(model, PadimModel):
@@ -272,10 +283,17 @@ def _require_fitted(model: PadimModel) -> None:
         raise RuntimeError("this PaDiM model is not fitted: fit it (or load a fitted checkpoint) before exporting")
 
 
+EXPORT_DESCRIPTION = """Export a fitted model (folder or Hub repo) to ONNX or OpenVINO IR, with its pre-processing settings
+(padim_export.json) and padim_runtime.py, a runtime that needs numpy, Pillow and the engine but no PyTorch.
+Run it with padim-hf predict --engine onnxruntime|openvino. Needs the export extra: pip install "padim-hf[export]"."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="padim-hf export", description=__doc__.split("\n\n")[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="padim-hf export", description=EXPORT_DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="fitted model directory or Hub repo id")
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime) or openvino (OpenVINO IR)")
     parser.add_argument("--output-dir", required=True, type=Path, help="folder for the exported files (new files only)")
     args = parser.parse_args(argv)
     written = export(args.model, args.output_dir, args.format)

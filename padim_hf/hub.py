@@ -1,16 +1,25 @@
-"""Share fitted PaDiM models on the Hugging Face Hub: push a saved model directory in one commit, load by repo id."""
+"""Share fitted PaDiM models on the Hugging Face Hub: a model directory (or a model) in one commit, with a model card
+from its metrics and, on request, its ONNX / OpenVINO exports.
+
+This layer sits above the model: modeling_padim.py knows nothing of it (its `push_to_hub` is transformers' own), so
+the code files a model folder carries for `trust_remote_code` never include this one.
+"""
 
 import json
 import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from .files import model_files, without_local_paths
 from .modelcard import model_card_for_directory
+
+if TYPE_CHECKING:
+    from .modeling_padim import PadimModel
 
 logger = logging.getLogger(__name__)
 
@@ -25,22 +34,10 @@ class HubPushError(RuntimeError):
 
 def is_network_error(error: Exception) -> bool:
     """HTTP errors of the Hub and transport errors of its HTTP client (httpx2 in huggingface_hub 2.x, httpx in
-    1.x), matched by module so this file, shipped with models as remote code, imports neither."""
+    1.x), matched by module so that this file depends on neither."""
     if isinstance(error, (HfHubHTTPError, OSError)):
         return True
     return type(error).__module__.split(".")[0] in ("httpx", "httpx2")
-
-
-def explain_load_error(name_or_path, error: OSError) -> OSError:
-    """A clearer error for loading an uncached repo id under HF_HUB_OFFLINE=1 (transformers only reports that it
-    "couldn't connect"); other errors are returned as they are."""
-    name = str(name_or_path)
-    if not constants.is_offline_mode() or Path(name).exists():
-        return error
-    return OSError(
-        f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
-        f"downloading it: load it once while online (or `hf download {name}`), or unset HF_HUB_OFFLINE"
-    )
 
 
 def check_model_directory(model_dir: Path) -> None:
@@ -240,4 +237,34 @@ def push_model(
     return commit.commit_url
 
 
-__all__ = ["HubPushError", "explain_load_error", "push_model", "push_model_commit"]
+def push(
+    model: "str | Path | PadimModel",
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    export: Sequence[str] = (),
+) -> str:
+    """Uploads a fitted model, or a model directory, to the Hub in one commit; returns the commit URL.
+
+    A `PadimModel` is saved to a temporary folder first; a directory is pushed as `push_model` describes (allow-list,
+    model card with the evaluation metrics, exports under `onnx/` / `openvino/`, stale weights deleted).
+
+    Example:
+
+    ```python
+    from padim_hf import push
+    url = push("models/bottle", "my-org/padim-bottle", export=["onnx"])   # token: HF_TOKEN or `hf auth login`
+    ```
+    """
+    options = dict(private=private, revision=revision, token=token, commit_message=commit_message, export=export)
+    if isinstance(model, (str, Path)):
+        return push_model(model, repo_id, **options)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        return push_model(directory, repo_id, **options)
+
+
+__all__ = ["HubPushError", "push", "push_model", "push_model_commit"]

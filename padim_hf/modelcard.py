@@ -229,9 +229,10 @@ def usage_section(repo_id: str) -> str:
 With the package (`pip install padim-hf`):
 
 ```python
-import padim_hf  # registers the model, image processor and the "{PIPELINE_TASK}" pipeline
+import padim_hf
 from transformers import pipeline
 
+padim_hf.register()  # teaches transformers the PaDiM model, its image processor and the "{PIPELINE_TASK}" pipeline
 detector = pipeline("{PIPELINE_TASK}", model="{repo_id}")
 result = detector("image.png")  # or a PIL image, or a list of them
 result["score"], result["label"], result["anomaly_map"], result["mask"]

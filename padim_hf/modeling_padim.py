@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from huggingface_hub import constants
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -27,11 +28,23 @@ from .gaussian import (
 )
 
 logger = logging.getLogger(__name__)
-# `save_pretrained(push_to_hub=True, ...)` options passed on to `padim_hf.hub.push_model_commit`.
-PUSH_OPTIONS = ("repo_id", "commit_message", "commit_description", "create_pr", "token", "private", "revision")
+# `save_pretrained(push_to_hub=True, ...)` options passed on to transformers' `push_to_hub`.
+PUSH_OPTIONS = ("commit_message", "commit_description", "create_pr", "token", "private", "revision", "tags")
 # Positions unpacked per step when loading a packed factor: bounds the packed bytes in memory (WR50-Rd550 float16:
 # 256 x 151525 x 2 B = 78 MB).
 LOAD_CHUNK = 256
+
+
+def explain_load_error(name_or_path, error: OSError) -> OSError:
+    """A clearer error for loading an uncached repo id under HF_HUB_OFFLINE=1 (transformers only reports that it
+    "couldn't connect"); other errors are returned as they are."""
+    name = str(name_or_path)
+    if not constants.is_offline_mode() or Path(name).exists():
+        return error
+    return OSError(
+        f"{name} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+        f"downloading it: load it once while online (or `hf download {name}`), or unset HF_HUB_OFFLINE"
+    )
 
 
 class NotFittedError(RuntimeError):
@@ -338,8 +351,6 @@ class PadimModel(PadimPreTrainedModel):
         """
         from safetensors import SafetensorError
 
-        from .hub import explain_load_error
-
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mismatches ourselves, with names and shapes
         name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
@@ -413,9 +424,13 @@ class PadimModel(PadimPreTrainedModel):
             model._packed_factor_source = (state_dict, checkpoint_files)
         return info, offload
 
-    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | Path, *args, push_to_hub: bool = False, **kwargs) -> None:
         """Saves config, weights and Gaussian (safetensors), the matching image processor, and the
-        "anomaly-detection" pipeline code (config.json names it in `custom_pipelines` for `trust_remote_code` users)."""
+        "anomaly-detection" pipeline code (config.json names it in `custom_pipelines` for `trust_remote_code` users).
+
+        `push_to_hub=True` then uploads the same files with transformers' `push_to_hub` (its generic model card);
+        `padim_hf.push` adds a card with the evaluation metrics and exported models.
+        """
         from transformers.dynamic_module_utils import custom_object_save
 
         from .image_processing_padim import PadimImageProcessor
@@ -423,50 +438,14 @@ class PadimModel(PadimPreTrainedModel):
 
         if not kwargs.get("is_main_process", True):
             return  # other processes of a distributed run write nothing (transformers would still create the folder)
-        # transformers' own push would upload before the processor and pipeline are written, with a generic card.
-        push = kwargs.pop("push_to_hub", False) and kwargs.get("is_main_process", True)
+        # transformers' own push would upload before the image processor and pipeline are written: push afterwards.
+        repo_id = kwargs.pop("repo_id", Path(save_directory).name)
         hub_options = {key: kwargs.pop(key) for key in PUSH_OPTIONS if key in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
         PadimImageProcessor.from_padim_config(self.config).save_pretrained(save_directory)
         custom_object_save(AnomalyDetectionPipeline, save_directory)
-        if push:
-            from .hub import push_model_commit
-
-            repo_id = hub_options.pop("repo_id", Path(save_directory).name)
-            push_model_commit(save_directory, repo_id, **hub_options)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-    ):
-        """Saves the model (weights, image processor, code, pipeline) with a generated model card and uploads it in
-        one commit (see `padim_hf.hub.push_model`). Returns the `CommitInfo`."""
-        import tempfile
-
-        from .hub import push_model_commit
-
-        with tempfile.TemporaryDirectory() as directory:
-            self.save_pretrained(directory, max_shard_size=max_shard_size)
-            return push_model_commit(
-                directory,
-                repo_id,
-                private=private,
-                revision=revision,
-                token=token,
-                commit_message=commit_message,
-                commit_description=commit_description,
-                create_pr=create_pr,
-                tags=tags,
-            )
+        if push_to_hub:
+            self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_options)
 
     def load_backbone_weights(self, source: str | Path | None = None) -> "PadimModel":
         """Loads ImageNet backbone weights: timm's from the Hub (`source=None`) or a local timm-format

@@ -30,7 +30,7 @@ def load_engine(
     `precision="bfloat16"` runs an OpenVINO export in bfloat16 (see `padim_hf.runtime.PRECISIONS`).
     """
     if precision != "float32" and engine != "openvino":
-        raise ValueError(f"precision {precision!r} needs --engine openvino (the {engine} engine runs float32)")
+        raise ValueError(f"precision {precision!r} needs `engine='openvino'` (the {engine} engine runs float32)")
     if engine == "torch":
         fitted, processor = load_fitted(model, cpu)
         device = fitted.gaussian.mean.device
@@ -88,6 +88,15 @@ def predict_images(
     `load_engine`); `inputs`: image files and folders. Refuses (FileExistsError, before any work) when any of the
     files to write exists already, an input image among them: predict only ever creates new files. An interruption
     raises `InterruptedAfterWriting` naming what was written.
+
+    Example:
+
+    ```python
+    from padim_hf import predict_images
+    rows = predict_images("models/bottle", ["images/", "part.png"], "predictions/")
+    rows[0]  # {"path": ..., "score": ..., "normalized_score": ..., "label": "normal" | "anomalous" | None, "heatmap": ...}
+    predict_images("models/bottle", ["images/"], "predictions-ov/", engine="openvino")   # after export_model
+    ```
     """
     output_dir = Path(output_dir)
     dataset = image_list(inputs)
@@ -135,10 +144,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--output-dir", required=True, type=Path,
         help="folder for heatmaps and predictions.json/.csv; predict refuses to replace any existing file there",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     parser.add_argument("--engine", choices=ENGINES, default="torch",
-                        help="torch: the checkpoint; onnxruntime/openvino: an export (see padim-hf export)")
+                        help="torch: the model itself; onnxruntime / openvino: its export (see padim-hf export)")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16: --engine openvino on CPUs with bfloat16 units, ~2x faster; scores move by up "
                         "to ~2%%, maps by up to ~6%% of their maximum")
@@ -152,8 +161,15 @@ def predict(args: argparse.Namespace) -> list[dict]:
     )
 
 
+PREDICT_DESCRIPTION = """Score images with a fitted model. Writes, into --output-dir, a heatmap overlay per image at the
+image's own size and predictions.csv / predictions.json (score, normalised score, label when the model
+is calibrated). Never replaces an existing file: it refuses before doing any work."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="padim-hf predict", description=__doc__)
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="padim-hf predict", description=PREDICT_DESCRIPTION, formatter_class=HelpFormatter)
     add_predict_arguments(parser)
     args = parser.parse_args(argv)
     rows = predict(args)
@@ -165,5 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         print("no verdicts: the model has no threshold (padim-hf calibrate --model M --good-images DIR sets one)")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m padim_hf.predict` (torchrun, accelerate launch): the command line's logging and errors
+    import sys
+
+    from padim_hf.cli import main as command_line
+
+    command_line(["predict", *sys.argv[1:]])

@@ -237,6 +237,6 @@ def test_precision_other_than_float32_needs_openvino(hazelnut_export):
         PadimRuntime(model_dir / "onnx", "onnxruntime", precision="bfloat16")
     with pytest.raises(ValueError, match="unknown precision 'float16'"):
         PadimRuntime(model_dir / "openvino", "openvino", precision="float16")
-    with pytest.raises(ValueError, match="needs --engine openvino"):
+    with pytest.raises(ValueError, match="needs `engine=.openvino.`"):
         predict_images(model_dir, hazelnut_export[1][:1], model_dir / "never", precision="bfloat16")
     assert not (model_dir / "never").exists()

@@ -23,6 +23,7 @@ from padim_hf.postprocess import normalized_score
 
 from .conftest import small_lite0_config
 from .hub_server import serve
+from .test_model import REMOTE_CODE_FILES
 
 TOKEN = "hf_loopback_write_token"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +206,9 @@ def test_sharded_push_replaces_single_file_weights(fitted, images, hub_env, tmp_
     assert torch.equal(anomaly_maps(loaded, images["test"]), anomaly_maps(model, images["test"]))
 
 
-def test_model_push_to_hub_carries_card_processor_and_pipeline(fitted, hub_env):
+def test_model_push_to_hub_carries_processor_and_pipeline(fitted, hub_env):
+    """`model.push_to_hub` is transformers' own upload (the model file knows nothing of padim_hf's Hub layer): it
+    still carries the image processor, the pipeline and the code, since save_pretrained writes them."""
     model, _ = fitted
     model.push_to_hub("acme/padim-method", commit_message="from push_to_hub")
 
@@ -215,7 +218,19 @@ def test_model_push_to_hub_carries_card_processor_and_pipeline(fitted, hub_env):
     config = json.loads(Path(hf_hub_download("acme/padim-method", "config.json")).read_text())
     assert config["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline_padim.AnomalyDetectionPipeline"
     assert config["auto_map"]["AutoModel"] == "modeling_padim.PadimModel"
-    assert ModelCard.load("acme/padim-method").data.eval_results  # our card, not transformers' generic one
+    assert PadimModel.from_pretrained("acme/padim-method").config.num_train_images == 4
+
+
+def test_push_of_a_model_object_writes_our_card(fitted, hub_env):
+    model, _ = fitted
+    url = padim_hf.push(model, "acme/padim-object", commit_message="from padim_hf.push")
+
+    repo = hub_env.state.repos["acme/padim-object"]
+    assert url.endswith(f"/acme/padim-object/commit/{repo.branches['main']}")
+    assert {"README.md", "preprocessor_config.json", "pipeline_padim.py", "model.safetensors"} <= set(
+        repo.commits[repo.branches["main"]]
+    )
+    assert ModelCard.load("acme/padim-object").data.eval_results  # the card with the metrics, not a generic one
 
 
 def test_save_pretrained_with_push_to_hub_uploads_everything(fitted, hub_env, tmp_path):
@@ -389,6 +404,8 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 def test_trust_remote_code_without_the_package(fitted, images, hub_env, tmp_path):
     model, directory = fitted
     push_model(directory, "acme/padim-remote")
+    repo = hub_env.state.repos["acme/padim-remote"]
+    assert sorted(name for name in repo.commits[repo.branches["main"]] if name.endswith(".py")) == REMOTE_CODE_FILES
     image_path = tmp_path / "crack.png"
     images["test"][0].save(image_path)
     env = {

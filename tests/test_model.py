@@ -173,8 +173,16 @@ def test_float16_storage_halves_the_factor_on_disk_and_scores_stay_close(small_m
     torch.testing.assert_close(loaded(random_images).pred_score, small_model(random_images).pred_score, rtol=5e-3, atol=0)
 
 
+# The code a saved model folder carries for `trust_remote_code=True`: what loading and running the model needs (config,
+# model, Gaussian, image processor, pipeline), nothing of the package's Hub, export, file or CLI layers.
+REMOTE_CODE_FILES = [
+    "configuration_padim.py", "gaussian.py", "image_processing_padim.py", "modeling_padim.py", "pipeline_padim.py",
+]
+
+
 def test_remote_code_loads_without_the_package_installed(small_model, random_images, tmp_path):
     small_model.save_pretrained(tmp_path / "model")
+    assert sorted(path.name for path in (tmp_path / "model").glob("*.py")) == REMOTE_CODE_FILES
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_padim.PadimModel"
     torch.save(random_images, tmp_path / "images.pt")
