@@ -230,7 +230,7 @@ def test_two_processes_hold_out_the_same_images_and_give_the_same_thresholds_as_
 # Every consumer prints a verdict
 
 
-def test_a_fit_on_train_good_alone_gives_verdicts_in_predict_pipeline_and_export(tmp_path, capsys):
+def test_a_fit_on_train_good_alone_gives_verdicts_in_predict_pipeline_space_and_export(tmp_path, capsys):
     import shutil
 
     from transformers import pipeline
@@ -267,6 +267,17 @@ def test_a_fit_on_train_good_alone_gives_verdicts_in_predict_pipeline_and_export
     for path, result in zip(tests, detector([str(p) for p in tests])):
         assert result["label"] == (rows[str(path)]["label"] == "anomalous")
         assert result["mask"] is not None and result["normalized_score"] == pytest.approx(rows[str(path)]["normalized_score"])
+
+    # The Space (spaces/detector.py, loaded as the Space loads models: trust_remote_code from the directory)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("padim_space_detector", Path(__file__).parents[1] / "spaces" / "detector.py")
+    space = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(space)
+    detector = space.Detector.load(model_dir)
+    for path in tests:
+        verdict = space.analyse(str(path), detector=detector).verdict
+        assert verdict.startswith("Anomalous" if rows[str(path)]["label"] == "anomalous" else "Normal"), verdict
 
     export(model_dir, model_dir / "onnx", "onnx")
     runtime = PadimRuntime(model_dir / "onnx", "onnxruntime")
