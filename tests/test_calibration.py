@@ -173,7 +173,7 @@ def test_calibrate_on_new_good_images_scores_them_with_the_fitted_model(calibrat
     model = PadimModel.from_pretrained(save_fitted(calibrated, tmp_path / "model"))
     calibrate(model, good, false_alarm_rate=0.01)
     record = model.config.calibration
-    assert record["source"] == {"kind": "good_images", "name": str(good)} and record["num_images"] == 3
+    assert record["source"] == {"kind": "good_images", "name": "good"} and record["num_images"] == 3
     from padim_hf.image_processing_padim import PadimImageProcessor
     from padim_hf.calibration import good_image_batches, score_batches
 
