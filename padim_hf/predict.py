@@ -43,8 +43,11 @@ def load_engine(
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     from .export import resolve_export_folder
+    from .extras import require
     from .image_processing_padim import PadimImageProcessor
     from .runtime import PadimRuntime
+
+    require(engine)  # "onnxruntime" / "openvino": a missing extra named before anything is downloaded or loaded
 
     folder = resolve_export_folder(model, engine)
     runtime = PadimRuntime(folder, engine, precision=precision)
