@@ -335,8 +335,11 @@ def calibrate(
         processor = processor or PadimImageProcessor.from_padim_config(model.config)
         model.eval()
         scores, pixels = score_batches(model, good_image_batches(good_images, processor, batch_size))
-        name = good_images if isinstance(good_images, (str, Path)) else None
-        source = {"kind": "good_images", **({"name": str(name)} if name is not None else {})}
+        from .files import dataset_reference
+
+        # A folder name, never a local absolute path: config.json is published with the model.
+        name = dataset_reference(good_images) if isinstance(good_images, (str, Path)) else None
+        source = {"kind": "good_images", **({"name": name} if name is not None else {})}
         new = good_only_calibration(scores, false_alarm_rate, pixels, source=source)
         new["scored_against"] = f"the fitted Gaussian of {model.config.num_train_images} images"
     warn_if_not_estimable(new)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("padim_hf.export:main", "export a fitted model to ONNX or OpenVINO (runs without PyTorch)"),
     "push": ("padim_hf.cli:push_main", "upload a model folder to the Hugging Face Hub in one commit"),
     "benchmark": ("padim_hf.benchmark:main", "fit and evaluate every category of an MVTec-style folder"),
+    "sweep": ("padim_hf.sweep:main", "fit and evaluate one product at several input sizes: a table to choose one"),
 }
 INTERRUPTED = {
     # fit writes its model into a hidden staging folder renamed into place only when complete

@@ -280,6 +280,10 @@ class _ImageStream(TorchIterableDataset):
     def __init__(self, items: Iterable, start: int = 0, step: int = 1, first: int = 0):
         self.items, self.start, self.step, self.first = items, start, step, first
 
+    def known_length(self) -> int | None:
+        """How many items the stream yields (all workers together): known for a sequence (a list of images)."""
+        return len(range(self.start, len(self.items), self.step)) if isinstance(self.items, Sequence) else None
+
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
@@ -305,6 +309,15 @@ class _IndexedRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {**self.shard[index], "_index": self.first + index}
+
+
+def _known_length(dataset: Any) -> int | None:
+    """How many images a process's share holds, when that is known without reading it (the progress bar's total)."""
+    if isinstance(dataset, _ImageStream):
+        return dataset.known_length()
+    if isinstance(dataset, TorchIterableDataset) or not hasattr(dataset, "__len__"):
+        return None
+    return len(dataset)
 
 
 def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDataset | TorchIterableDataset:
@@ -471,8 +484,8 @@ def fit_padim(
         loaders.append(_fit_loader(calibration_data, rank, world, processor, calibration_holdout, batch_size, num_workers))
     holdout = data_holdout or calibration_holdout
     held = _HeldOut(holdout.capacity if holdout is not None else 0)
-    sized = [loader.dataset for loader in loaders if not isinstance(loader.dataset, TorchIterableDataset)]
-    total = sum(len(share) for share in sized) if len(sized) == len(loaders) and all(hasattr(s, "__len__") for s in sized) else None
+    totals = [_known_length(loader.dataset) for loader in loaders]
+    total = None if None in totals else sum(totals)
     bar = tqdm(total=total, unit="img", desc=f"fit [{device}]", disable=not (progress and accelerator.is_local_main_process))
     seen = 0
 
@@ -698,8 +711,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unreadable", action="store_true", help="drop (and list) unreadable images instead of failing")
 
 
-def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
-    """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset."""
+def add_config_override_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset, except
+    the fields in `exclude` (a command that defines its own flag for them)."""
     kinds = {
         "layers": int, "n_features": int, "seed": int, "image_size": parse_image_size, "crop_size": parse_size,
         "epsilon": float, "blur_sigma": float,
@@ -709,7 +723,7 @@ def add_config_override_arguments(parser: argparse.ArgumentParser) -> None:
         "aspect ratio at the preset's pixel count, 'auto:SIDE' at SIDE x SIDE pixels (default: the preset's, 256)",
         "crop_size": "centre crop after the resize: SIDE or HEIGHTxWIDTH (default: the preset's, none for lite0)",
     }
-    for field in CONFIG_FIELDS:
+    for field in (field for field in CONFIG_FIELDS if field not in exclude):
         parser.add_argument(
             f"--{field.replace('_', '-')}", type=kinds.get(field, str), nargs="+" if field == "layers" else None,
             help=helps.get(field, f"{CONFIG_FIELD_HELP[field]} (default: the preset's)"),

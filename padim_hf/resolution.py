@@ -2,7 +2,7 @@
 
 `image_size` is one side (a square) or [height, width]. On the command line: `256`, `256x192` (HEIGHTxWIDTH, as
 in the config) or `auto` / `auto:384`: the training images' aspect ratio at the pixel count of the preset's size (or
-of 384 x 384), each side a multiple of the backbone's largest used stride. All training images of one product should
+of 384 x 384), each side a multiple of the grid's stride (4 for the presets' backbones). All training images of one product should
 share one aspect ratio; `auto` refuses a set that does not, naming the sizes and files.
 """
 
@@ -60,13 +60,12 @@ def is_auto(size) -> bool:
     return isinstance(size, str) and (size == AUTO or size.startswith(AUTO + ":"))
 
 
-def largest_stride(backbone: str, layers: Iterable[int]) -> int:
-    """The largest stride (reduction) among the used stages of `backbone`: input sides that are multiples of it give
-    every stage an exact grid. Built on the meta device (no weights)."""
+def grid_stride(backbone: str, layers: Iterable[int]) -> int:
+    """The stride (reduction) of the first used stage of `backbone`, whose grid the Gaussians sit on: input sides that
+    are multiples of it map exactly onto the grid. Built on the meta device (no weights)."""
     with torch.device("meta"):
         model = timm.create_model(backbone, pretrained=False, features_only=True)
-    reductions = model.feature_info.reduction()
-    return max(reductions[layer] for layer in layers)
+    return model.feature_info.reduction()[min(layers)]
 
 
 def image_size_on_disk(image, name: str) -> tuple[int, int]:
@@ -135,7 +134,7 @@ def native_image_size(aspect: float, pixels: int, multiple: int) -> list[int]:
 
 def resolve_image_size(spec: str, sizes: Mapping[tuple[int, int], list[str]], base_size, backbone: str, layers) -> list[int]:
     """The [height, width] `auto` / `auto:SIDE` stands for: the training images' aspect ratio at the pixel count of
-    `base_size` (the preset's image_size) or SIDE x SIDE, sides multiples of the backbone's largest used stride.
+    `base_size` (the preset's image_size) or SIDE x SIDE, sides multiples of the grid's stride (`grid_stride`).
 
     Raises ValueError, naming sizes and files, when the training images do not share one aspect ratio.
     """
@@ -150,7 +149,7 @@ def resolve_image_size(spec: str, sizes: Mapping[tuple[int, int], list[str]], ba
         height, width = height_width(base_size)
     else:
         height = width = int(spec.split(":", 1)[1])
-    size = native_image_size(aspect, height * width, largest_stride(backbone, layers))
+    size = native_image_size(aspect, height * width, grid_stride(backbone, layers))
     logger.info(
         "--image-size %s: training images are %s (width x height); the model resizes to %s (height x width)",
         spec, describe_sizes(sizes), format_size(size),

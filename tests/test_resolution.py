@@ -6,6 +6,7 @@ the torch-free runtime and the Space.
 import argparse
 import json
 import logging
+import os
 
 import numpy as np
 import PIL.Image
@@ -105,12 +106,12 @@ def test_auto_size_follows_the_training_images_aspect_ratio():
     train = training_split(str(require_shared(COOKIE)), "train")
     sizes = training_image_sizes(train)
     assert list(sizes) == [(COOKIE_WIDTH, COOKIE_HEIGHT)] and len(sizes[(COOKIE_WIDTH, COOKIE_HEIGHT)]) == 31
-    # 256 x 256 pixels at 3:4 (width:height), sides multiples of 16 (Lite0 stage 3's stride)
+    # 256 x 256 pixels at 3:4 (width:height), sides multiples of 4 (Lite0 stage 1's stride, the grid's)
     size = resolve_image_size("auto", sizes, 256, "tf_efficientnet_lite0", (1, 2, 3))
-    assert size == [288, 224]
-    assert resolve_image_size("auto:128", sizes, 256, "tf_efficientnet_lite0", (1, 2, 3)) == [144, 112]
+    assert size == [296, 220]
+    assert resolve_image_size("auto:128", sizes, 256, "tf_efficientnet_lite0", (1, 2, 3)) == [148, 112]
     overrides = resolve_auto_image_size("padim-lite0-offline", train, {"image_size": "auto", "n_features": 8})
-    assert overrides == {"image_size": [288, 224], "n_features": 8}
+    assert overrides == {"image_size": [296, 220], "n_features": 8}
 
 
 def test_auto_size_refuses_mixed_aspect_ratios_naming_files_and_sizes(tmp_path):
@@ -253,3 +254,40 @@ def test_space_shows_a_non_square_model_at_the_image_size(cookie_model, cookie_t
     result = app.analyse(cracked[0]["path"], detector=detector)
     assert result.mask.shape == (COOKIE_HEIGHT, COOKIE_WIDTH)  # the defect mask at the upload's own size
     assert "128 x 96 px (height x width)" in app.model_card_markdown(detector)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The resolution sweep
+
+
+def test_sweep_fits_and_evaluates_every_size_and_resumes(tmp_path, monkeypatch, capsys):
+    from padim_hf import sweep
+    from padim_hf.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "part", n_train=12, n_test_good=2, n_test_defect=2, size=64)
+    result = sweep.run_sweep(data, [48, "auto:48", [40, 56]], output_dir=tmp_path / "sweep", overrides={"n_features": 8},
+                             cpu=True, isolate=False, progress=False)
+    assert [row["size"] for row in result.rows] == ["48x48", "48x48", "40x56"]  # auto on square images: a square
+    assert [row["aspect"] for row in result.rows] == ["native", "native", "1.40"]
+    assert [row["grid"] for row in result.rows] == ["12x12", "12x12", "10x14"]
+    for row in result.rows:
+        assert 0 <= row["image_auroc"] <= 1 and 0 <= row["pixel_auroc"] <= 1 and 0 <= row["pixel_aupro"] <= 1
+        assert row["fit_seconds"] > 0 and row["fit_peak_rss_gib"] > 0 and row["estimated_peak_gib"] > 0
+        assert row["checkpoint_mb"] == pytest.approx((tmp_path / "sweep" / row["size"] / "model" / "model.safetensors").stat().st_size / 1e6)
+    assert "| 40 x 56 | 1.40 | 10 x 14 |" in result.markdown and "`original` protocol" in result.markdown
+    monkeypatch.setattr(sweep, "_run_size", lambda job: pytest.fail("a finished size ran again"))
+    again = sweep.run_sweep(data, [[40, 56]], output_dir=tmp_path / "sweep", overrides={"n_features": 8}, cpu=True,
+                            isolate=False, progress=False)
+    assert again.rows[0]["pixel_auroc"] == result.rows[2]["pixel_auroc"]
+
+
+def test_sweep_command_runs_each_size_in_its_own_process(tmp_path, capsys):
+    from padim_hf.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "part", n_train=12, n_test_good=2, n_test_defect=2, size=64)
+    cli_main(["sweep", "--data", str(data), "--image-size", "40x56", "--n-features", "8", "--output-dir", str(tmp_path / "out"), "--cpu"])
+    table = capsys.readouterr().out
+    assert "| Size (h x w) | Aspect | Grid | Fit (s) | Fit peak RSS (GiB) |" in table and "| 40 x 56 | 1.40 | 10 x 14 |" in table
+    row = json.loads((tmp_path / "out" / "40x56" / "result.json").read_text())
+    assert row["process"] != os.getpid()  # a fresh process: the peak RSS is this size's own
+    assert 0 < row["fit_added_gib"] < row["fit_peak_rss_gib"]

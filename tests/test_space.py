@@ -6,6 +6,7 @@ its thresholds calibrated on held-out synthetic images, saved with its remote co
 """
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -326,18 +327,28 @@ def test_model_panel_lists_backbone_training_set_and_metrics(app):
     assert f"image {app.DETECTOR.thresholds().image:.2f}" in text
 
 
-def test_uncalibrated_model_starts_at_a_stated_default(app, uncalibrated_model_dir):
-    from scipy.stats import chi2
+def test_a_model_without_thresholds_gives_heatmaps_and_scores_but_no_verdict(app, uncalibrated_model_dir):
+    """No threshold of the Space's own making: padim_hf calls no part good or defective without one, nor does the
+    Space; the panel says so in padim_hf's words and points to fitting (which calibrates)."""
+    from padim_hf.calibration import describe_calibration
 
     detector = app.Detector.load(uncalibrated_model_dir)
     thresholds = detector.thresholds()
-    assert not thresholds.calibrated
-    assert thresholds.image == thresholds.pixel == pytest.approx(np.sqrt(chi2.ppf(0.999, 50)), rel=0.01)
+    assert not thresholds.calibrated and thresholds.image is None and thresholds.pixel is None
     text = app.model_card_markdown(detector)
-    assert "Uncalibrated model" in text and f"{thresholds.image:.2f}" in text
-    result = analyse(app, EXAMPLES / "good_1.png", detector=detector)
-    assert result.score > thresholds.image  # why the panel warns: real scores run higher than the Gaussian bound
-    assert app.slider_maximum(thresholds) > result.score
+    assert describe_calibration(detector.config) in text and "Fit your own detector" in text
+    result = analyse(app, EXAMPLES / "hole.png", detector=detector)
+    assert result.verdict.startswith("No verdict") and f"{result.score:.2f}" in result.verdict
+    assert not result.mask.any() and result.overlay.shape[2] == 3
+    explicit = analyse(app, EXAMPLES / "hole.png", result.score / 2, result.score / 2, detector=detector)
+    assert explicit.verdict.startswith("Anomalous") and explicit.mask.any()  # thresholds given are used
+    space = app.Space(detector)
+    import gradio as gr
+
+    *_, verdict = space.predict(str(EXAMPLES / "hole.png"), 1.0, 1.0, gr.Request(session_hash="no-threshold"))
+    assert verdict.startswith("No verdict")  # the (hidden) sliders' values are not a threshold
+    sliders = [block for block in app.build_demo(space).blocks.values() if isinstance(block, gr.Slider)]
+    assert sliders and not any(slider.visible for slider in sliders)
 
 
 def test_sliders_grow_to_leave_room_above_every_score(app):
@@ -443,7 +454,7 @@ def test_good_images_come_from_files_and_zips_alike(app, tmp_path):
         ("zip with other files", r"parts.zip: good/readme.md is not an image"),
         ("broken zip", r"broken.zip is not a zip file that can be opened"),
         ("empty zip", r"empty.zip holds no images"),
-        ("mixed aspect ratios", r"mixed aspect ratios: 10 images are 96x96 in shape, but fabric_1_00.png \(128x96\), "),
+        ("mixed aspect ratios", r"mixed aspect ratios: 96 x 96 \(10 images, e.g. fabric_0_00.png.*; 128 x 96 \(2 images: fabric_1_00.png, fabric_1_01.png\)"),
         ("huge", r"fabric_0_00.png is 96x96 pixels; images up to 0 megapixels are accepted"),
     ],
 )
@@ -477,6 +488,15 @@ def test_every_refused_upload_gets_a_message(app, tmp_path, monkeypatch, case, m
         monkeypatch.setattr(app.sys.modules["detector"], "MAX_PIXELS", 1000)
     with pytest.raises(fitting.UploadError, match=message):
         fitting.read_good_images(paths, app.decode)
+
+
+def test_a_fit_keeps_the_uploads_aspect_ratio(app, tmp_path):
+    """4:3 photos fit a 4:3 model at about the chosen pixel count (padim_hf's auto size), not a squashed square."""
+    images = app.fitting.read_good_images(write_images(tmp_path / "wide", 10, size=(128, 96)), app.decode)
+    detector = app.fitting.fit_detector(images, 128)
+    height, width = detector.config.image_size
+    assert width > height and abs(width / height - 4 / 3) < 0.1 and abs(height * width / 128**2 - 1) < 0.2
+    assert detector.config.image_threshold is not None and detector.config.calibration["num_images"] >= 5
 
 
 def test_a_zip_member_is_never_read_past_its_declared_size(app, tmp_path, monkeypatch):
@@ -736,30 +756,52 @@ def test_browser_bad_upload_shows_an_error_message(page, text_file_named_png, tm
 
 
 @pytest.mark.slow
-def test_browser_sliders_grow_past_an_uncalibrated_guess(app, uncalibrated_model_dir):
+def test_browser_sliders_grow_past_a_high_score(app, model_dir, tmp_path):
     from playwright.sync_api import expect
 
     require_chromium()
-    detector = app.Detector.load(uncalibrated_model_dir)
-    demo = app.build_demo(app.Space(detector))
+    low = Path(shutil.copytree(model_dir, tmp_path / "low-threshold"))
+    config = json.loads((low / "config.json").read_text())
+    config["image_threshold"] = config["pixel_threshold"] = 1.0  # far below a defect's score
+    (low / "config.json").write_text(json.dumps(config))
+    detector = app.Detector.load(low)
+    demo = app.build_demo(app.Space(detector, root=tmp_path / "sessions"))
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
         for page in open_page(f"http://127.0.0.1:{port}/"):
-            expect(page.locator("#model-info")).to_contain_text("Uncalibrated model")
             slider = page.locator("#image-threshold input[type=range]")
             first_top = float(slider.get_attribute("max"))
-            assert first_top == app.slider_maximum(detector.thresholds())
+            assert first_top == app.slider_maximum(detector.thresholds()) == 3.0
             page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLES / "hole.png"))
             expect(page.locator("#verdict textarea")).to_have_value(re.compile("^Anomalous"), timeout=60_000)
             score = float(page.locator("#score input").input_value())
-            assert score > first_top  # the guess is far below real scores: the situation the widening is for
+            assert score > first_top  # the situation the widening is for
             page.wait_for_function(
                 "([selector, top]) => parseFloat(document.querySelector(selector).max) !== top",
                 arg=["#image-threshold input[type=range]", first_top],
                 timeout=10_000,
             )
             assert float(slider.get_attribute("max")) == app.widened_maximum(score, first_top)
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
+def test_browser_model_without_thresholds_hides_the_sliders(app, uncalibrated_model_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    require_chromium()
+    demo = app.build_demo(app.Space(app.Detector.load(uncalibrated_model_dir), root=tmp_path / "sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        for page in open_page(f"http://127.0.0.1:{port}/"):
+            expect(page.locator("#model-info")).to_contain_text("No threshold")
+            expect(page.locator("#image-threshold")).to_be_hidden()
+            page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLES / "hole.png"))
+            expect(page.locator("#verdict textarea")).to_have_value(re.compile("^No verdict"), timeout=60_000)
+            page.screenshot(path=str(artefacts("no-threshold") / "no-verdict.png"), full_page=True)
     finally:
         demo.close()
 
@@ -803,6 +845,8 @@ def test_browser_fit_inspect_and_download(app, server, tmp_path):
     """Upload good images, fit, read the held-out calibration, analyse a defective part, download the model."""
     import zipfile
 
+    from padim_hf.calibration import describe_calibration
+
     from playwright.sync_api import expect
 
     shots = artefacts("fit")
@@ -812,12 +856,12 @@ def test_browser_fit_inspect_and_download(app, server, tmp_path):
         page.screenshot(path=str(shots / "1-uploaded.png"), full_page=True)
         page.locator("#fit-button").click()
         result = page.locator("#fit-result")
-        expect(result).to_contain_text("Fitted on 10 good images at 128 px", timeout=120_000)
+        expect(result).to_contain_text("Fitted on 10 good images at 128 x 128 px", timeout=120_000)
         (session,) = [s for key, s in fitted_sessions(app).items() if key not in before]
         config = session.detector.config
         assert config.num_train_images == 10 and config.input_size in (128, (128, 128), [128, 128])
         assert config.calibration["num_images"] >= 1 and config.image_threshold is not None
-        expect(result).to_contain_text(app.fitting.calibration_summary(session.detector))  # the library's words
+        expect(result).to_contain_text(describe_calibration(config))  # the library's own words
         page.screenshot(path=str(shots / "2-fitted.png"), full_page=True)
 
         with page.expect_download() as download:
