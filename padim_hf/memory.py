@@ -31,7 +31,7 @@ from .configuration_padim import PadimConfig, format_size
 from .gaussian import FINALISE_CHUNK, LowerBlockRows
 
 GIB = 2**30
-# Measured fit peaks (RSS added by the fit, `padim-hf sweep` on bottle and cookie, Lite0, 256-592 px) came out 0.98x to
+# Measured fit peaks (RSS added by the fit, `padim-hf sweep` on bottle and cookie, Lite0, 256-592 px) came out 0.94x to
 # 1.19x this estimate: decoding full-resolution images, the processor's temporaries and the allocator's fragmentation
 # are not modelled. A fit is refused when the estimate times this margin exceeds the memory available.
 ESTIMATE_MARGIN = 1.25
