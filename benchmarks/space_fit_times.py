@@ -1,4 +1,7 @@
-"""How long the Space's "Fit your own detector" takes on this machine, for N uploaded good images.
+"""How long the Space takes on this machine: to start as a duplicated Space does, and to fit N uploaded images.
+
+Start-up: `python spaces/app.py` with no PADIM_MODEL (it fits the example detector first), timed until its port
+accepts connections; the example fit's own time is read from the app's log.
 
 Runs the Space's own functions (spaces/fitting.py), as the Fit button does: check and decode the uploads, fit with
 padim_hf (`fit_padim`: Lite0 backbone, held-out calibration), save the model and zip it. The uploads are synthetic
@@ -12,7 +15,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -55,6 +60,35 @@ def one_run(count: int, size: int, image_px: int) -> dict:
     return times
 
 
+def startup_run() -> dict:
+    """Seconds from `python app.py` (no PADIM_MODEL) until it serves, and the example fit's share of it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environment = {key: value for key, value in os.environ.items() if key != "PADIM_MODEL"}
+    environment.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    with tempfile.TemporaryFile("w+") as log:
+        started = time.monotonic()
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=SPACE_DIR, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"app.py exited: {log.read()[-2000:]}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            serving = time.monotonic() - started
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        log.seek(0)
+        fitted = re.search(r"fitted the example detector in ([0-9.]+) s", log.read())
+    return {"startup_s": serving, "example_fit_s": float(fitted.group(1)) if fitted else float("nan")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[20, 50])
@@ -67,6 +101,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_run(args.one, args.size, args.image_px)))
         return
+    startups = [startup_run() for _ in range(args.repeats)]
+    startup = {key: statistics.median(run[key] for run in startups) for key in startups[0]}
     results = {}
     for count in args.counts:
         runs = []
@@ -77,6 +113,11 @@ def main() -> None:
         results[count] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         results[count]["runs_total_s"] = [round(run["total_s"], 2) for run in runs]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))})"
+    print(
+        f"python spaces/app.py with no PADIM_MODEL serves after {startup['startup_s']:.1f} s (median of {args.repeats}; "
+        f"the example detector's fit: {startup['example_fit_s']:.1f} s; runs: "
+        f"{', '.join(format(run['startup_s'], '.1f') for run in startups)} s)\n"
+    )
     print(f"Space fit times, {args.size} px input, {args.image_px} px PNG uploads, median of {args.repeats} ({machine})\n")
     print("| images | held out | check + decode | fit + calibrate | save + zip | total | zip | peak RSS |")
     print("|---|---|---|---|---|---|---|---|")
@@ -86,7 +127,7 @@ def main() -> None:
             f"| **{row['total_s']:.1f} s** | {row['zip_mb']:.0f} MB | {row['peak_rss_gib']:.2f} GiB |"
         )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2, default=str))
+        args.json.write_text(json.dumps({"machine": machine, "startup": startups, "args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def good_image_batches(images, processor, batch_size: int = 16) -> Iterable[torc
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(processor)):
             yield batch["pixel_values"]
         return
-    if hasattr(images, "column_names"):  # a datasets.Dataset in padim_hf's columns
+    if hasattr(images, "column_names"):  # a datasets.Dataset or a streamed IterableDataset in padim_hf's columns
         labels = images["label"] if "label" in images.column_names else []
         if any(label not in (0, None) for label in labels):
             raise ValueError("good_images contains rows labelled anomalous: calibrate on good images only")
@@ -335,8 +335,11 @@ def calibrate(
         processor = processor or PadimImageProcessor.from_padim_config(model.config)
         model.eval()
         scores, pixels = score_batches(model, good_image_batches(good_images, processor, batch_size))
-        name = good_images if isinstance(good_images, (str, Path)) else None
-        source = {"kind": "good_images", **({"name": str(name)} if name is not None else {})}
+        from .files import dataset_reference
+
+        # A folder name, never a local absolute path: config.json is published with the model.
+        name = dataset_reference(good_images) if isinstance(good_images, (str, Path)) else None
+        source = {"kind": "good_images", **({"name": name} if name is not None else {})}
         new = good_only_calibration(scores, false_alarm_rate, pixels, source=source)
         new["scored_against"] = f"the fitted Gaussian of {model.config.num_train_images} images"
     warn_if_not_estimable(new)

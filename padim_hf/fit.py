@@ -280,6 +280,10 @@ class _ImageStream(TorchIterableDataset):
     def __init__(self, items: Iterable, start: int = 0, step: int = 1, first: int = 0):
         self.items, self.start, self.step, self.first = items, start, step, first
 
+    def known_length(self) -> int | None:
+        """How many items the stream yields (all workers together): known for a sequence (a list of images)."""
+        return len(range(self.start, len(self.items), self.step)) if isinstance(self.items, Sequence) else None
+
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
@@ -305,6 +309,15 @@ class _IndexedRows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {**self.shard[index], "_index": self.first + index}
+
+
+def _known_length(dataset: Any) -> int | None:
+    """How many images a process's share holds, when that is known without reading it (the progress bar's total)."""
+    if isinstance(dataset, _ImageStream):
+        return dataset.known_length()
+    if isinstance(dataset, TorchIterableDataset) or not hasattr(dataset, "__len__"):
+        return None
+    return len(dataset)
 
 
 def _process_share(data: Any, rank: int, world: int) -> Dataset | IterableDataset | TorchIterableDataset:
@@ -471,8 +484,8 @@ def fit_padim(
         loaders.append(_fit_loader(calibration_data, rank, world, processor, calibration_holdout, batch_size, num_workers))
     holdout = data_holdout or calibration_holdout
     held = _HeldOut(holdout.capacity if holdout is not None else 0)
-    sized = [loader.dataset for loader in loaders if not isinstance(loader.dataset, TorchIterableDataset)]
-    total = sum(len(share) for share in sized) if len(sized) == len(loaders) and all(hasattr(s, "__len__") for s in sized) else None
+    totals = [_known_length(loader.dataset) for loader in loaders]
+    total = None if None in totals else sum(totals)
     bar = tqdm(total=total, unit="img", desc=f"fit [{device}]", disable=not (progress and accelerator.is_local_main_process))
     seen = 0
 
@@ -620,7 +633,10 @@ def reduce_statistics(
     counts[rank] = statistics.count if statistics is not None else 0
     dist.all_reduce(counts)
     if int(counts.sum()) == 0:
-        raise ValueError("no training images were accumulated on any process: the training set is empty")
+        raise ValueError(
+            "no training images were accumulated on any process: the training set is empty (or so small that every "
+            "image was held out for calibration: pass holdout_fraction=0)"
+        )
     source = int(torch.nonzero(counts)[0])
     # A separate buffer: broadcast overwrites its tensor, and every process still needs its own shift to rebase.
     shift = statistics.shift.to(wire, copy=True) if rank == source else torch.empty(shape, dtype=torch.float32, device=wire)

@@ -140,15 +140,12 @@ def model_card_markdown(detector: Detector) -> str:
         f"- Trained on: {config.train_dataset or 'unknown'} ({config.num_train_images} defect-free images)",
     ]
     if thresholds.calibrated:
-        lines.append(f"- Calibrated thresholds: image {thresholds.image:.2f}, pixel {thresholds.pixel:.2f}")
-    if getattr(config, "calibration", None):
-        lines.append(f"- Verdict calibration: {fitting.calibration_summary(detector)}")
-    else:
-        lines.append(
-            f"- **Uncalibrated model**: the thresholds start at {thresholds.image:.2f}, the 99.9% quantile of a "
-            f"{config.n_features}-d Gaussian's distance. Real scores run higher (much higher after few training "
-            "images): move the sliders, or evaluate the model on labelled images to calibrate it."
-        )
+        lines.append(f"- Thresholds: image {thresholds.image:.2f}, pixel {thresholds.pixel:.2f}")
+    if getattr(config, "calibration", None) or not thresholds.calibrated:
+        # padim_hf's own description: what the verdicts mean, or that there are none and how to get them.
+        lines.append(f"- Verdicts: {fitting.calibration_summary(detector)}")
+    if not thresholds.calibrated:
+        lines.append("- Fit your own detector in the second tab: it gets a threshold from your good images.")
     metrics = evaluation_metrics(config.metrics)
     if metrics:
         recorded = config.metrics or {}
@@ -181,16 +178,17 @@ def dataset_description(dataset) -> str:
 
 
 def slider_maximum(thresholds: Thresholds) -> float:
-    # Room above the threshold for stricter settings; uncalibrated guesses are lower bounds, so give more room.
-    factor = 3.0 if thresholds.calibrated else 30.0
-    return float(f"{factor * max(thresholds.image, thresholds.pixel):.2g}")
+    """Room above the thresholds for stricter settings (a model without thresholds shows no sliders)."""
+    if not thresholds.calibrated:
+        return 1.0
+    return float(f"{3.0 * max(thresholds.image, thresholds.pixel):.2g}")
 
 
 def widened_maximum(score: float | None, maximum: float) -> float | None:
     """A new top for the threshold sliders when `score` comes near the current one, else None.
 
-    An uncalibrated model's first guess can be far below its real scores; the sliders grow (never shrink, so a
-    chosen threshold stays in range) to keep room above every score seen in the session.
+    A defect can score far above the thresholds; the sliders grow (never shrink, so a chosen threshold stays in
+    range) to keep room above every score seen in the session.
     """
     if score is None or score < 0.8 * maximum:
         return None
@@ -206,8 +204,12 @@ def widen_sliders(score: float | None, maximum: float):
     return update, update, widened
 
 
-def threshold_slider(label: str, value: float, maximum: float, elem_id: str) -> gr.Slider:
-    return gr.Slider(0.0, maximum, value=round(value, 2), step=maximum / 1000, label=label, elem_id=elem_id)
+def threshold_slider(label: str, value: float | None, maximum: float, elem_id: str) -> gr.Slider:
+    # Hidden for a model without thresholds: there is nothing to start from (fitting one shows them).
+    return gr.Slider(
+        0.0, maximum, value=round(value or 0.0, 2), step=maximum / 1000, label=label, elem_id=elem_id,
+        visible=value is not None,
+    )
 
 
 INTRO = (
@@ -217,14 +219,15 @@ INTRO = (
 )
 FIT_HELP = f"""Upload {fitting.MIN_FIT_IMAGES} to {fitting.MAX_FIT_IMAGES} photos of **good** parts (several files at
 once, or one .zip), all of one shape, up to {fitting.MAX_IMAGE_BYTES // 2**20} MB each. The detector is fitted on this
-Space's CPU with an ImageNet EfficientNet-Lite0 backbone; one image in ten is held out to set the verdict threshold
-so that about {fitting.FALSE_ALARM_RATE:.0%} of good parts are flagged. Your images and your model are yours alone and
-are deleted when you close this tab: download the model, or push it to your Hub account, to keep it."""
+Space's CPU with an ImageNet EfficientNet-Lite0 backbone. About one image in ten (at least five) is held out, scored,
+then added to the fit: their scores set the verdict threshold, aiming at {fitting.FALSE_ALARM_RATE:.0%} false alarms
+(the result says what your number of images allows). Your images and your model are yours alone and are deleted when
+you close this tab: download the model, or push it to your Hub account, to keep it."""
 
 
 def build_demo(space: "Space") -> gr.Blocks:
     """The UI: the Inspect tab and the Fit tab, wired to `space`'s callbacks."""
-    thresholds = space.detector.thresholds() if space.detector else Thresholds(image=1.0, pixel=1.0, calibrated=False)
+    thresholds = space.detector.thresholds() if space.detector else Thresholds(image=None, pixel=None)
     maximum = slider_maximum(thresholds)
     # delete_cache: files Gradio serves are removed after an hour, so a long-running Space does not fill its disk.
     with gr.Blocks(title="PaDiM anomaly detection", delete_cache=(3600, 3600)) as demo:
@@ -284,10 +287,10 @@ def build_demo(space: "Space") -> gr.Blocks:
             )
             size = gr.Radio(
                 [(f"{px} px" + (" (default)" if px == fitting.DEFAULT_FIT_SIZE else ""), px) for px in fitting.FIT_SIZES],
-                value=fitting.DEFAULT_FIT_SIZE, label="Input size (larger: finer maps, slower fit)", elem_id="fit-size",
+                value=fitting.DEFAULT_FIT_SIZE, label="Input size: about N x N pixels, at your images' aspect ratio (larger: finer maps, slower fit)", elem_id="fit-size",
             )
             fit_button = gr.Button("Fit", variant="primary", elem_id="fit-button")
-            fit_result = gr.Markdown(elem_id="fit-result")
+            fit_result = gr.Markdown(elem_id="fit-result", min_height=90)  # room for the progress bar
             download = gr.DownloadButton("Download the model (.zip)", visible=False, elem_id="download")
             with gr.Group():
                 gr.Markdown("### Push the model to your Hugging Face account")
@@ -355,6 +358,8 @@ class Space:
         if image is None:
             return None, None, None, ""
         detector = self.session_detector(request)
+        if not detector.thresholds().calibrated:  # hidden sliders: no verdict rather than one from their values
+            image_threshold = pixel_threshold = None
         session = self.sessions.get(request.session_hash)
         if Path(image).is_file() and file_hash(image) not in self.example_hashes:  # examples are shared
             self.sessions.add_uploads(request.session_hash, [image])
@@ -391,7 +396,8 @@ class Space:
         thresholds = detector.thresholds()
         top = slider_maximum(thresholds)
         summary = (
-            f"**Fitted** on {len(images)} good images at {size} px in {took}.\n\n"
+            f"**Fitted** on {len(images)} good images at {input_size_label(detector.config)} px (height x width) "
+            f"in {took}.\n\n"
             f"**Held-out calibration:** {fitting.calibration_summary(detector)}\n\n"
             "Your detector now answers in the **Inspect** tab."
         )
@@ -399,8 +405,8 @@ class Space:
             summary,
             gr.DownloadButton(value=str(model_zip), visible=True),
             model_card_markdown(detector),
-            gr.update(value=round(thresholds.image, 2), maximum=top, step=top / 1000),
-            gr.update(value=round(thresholds.pixel, 2), maximum=top, step=top / 1000),
+            gr.update(value=round(thresholds.image, 2), maximum=top, step=top / 1000, visible=True),
+            gr.update(value=round(thresholds.pixel, 2), maximum=top, step=top / 1000, visible=True),
             top,
         )
 

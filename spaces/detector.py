@@ -6,7 +6,6 @@ process (`Detector.from_model`: the start-up example model and the models users 
 """
 
 import importlib.util
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,9 +33,15 @@ warnings.filterwarnings("ignore", category=PIL.Image.DecompressionBombWarning)
 
 
 class Thresholds(NamedTuple):
-    image: float
-    pixel: float
-    calibrated: bool
+    """The model's verdict (image) and mask (pixel) thresholds; None where the model has none (padim_hf then calls
+    no part good or defective: `padim_hf.calibration.describe_calibration` says how to set one)."""
+
+    image: float | None
+    pixel: float | None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.image is not None
 
 
 class Analysis(NamedTuple):
@@ -135,31 +140,15 @@ class Detector:
         return default_thresholds(self.config)
 
 
-def gaussian_distance_quantile(dimensions: int, probability: float = 0.999) -> float:
-    """Mahalanobis distance exceeded with `1 - probability` under an exact `dimensions`-d Gaussian.
-
-    Wilson-Hilferty's approximation of the chi-square quantile (accurate to a few percent from 2 dimensions up),
-    so the Space needs no scipy.
-    """
-    z = {0.99: 2.326, 0.999: 3.090, 0.9999: 3.719}[probability]
-    k = float(dimensions)
-    chi_square = k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
-    return math.sqrt(chi_square)
-
-
 def default_thresholds(config) -> Thresholds:
-    """The calibrated thresholds, each standing in for the other when only one is set.
-
-    Uncalibrated models get the 99.9% quantile of the Gaussian distance: a lower bound (real distances are larger,
-    more so the fewer training images), which the UI says.
-    """
+    """The model's thresholds (set by padim_hf's calibration), each standing in for the other when only one is set;
+    both None for a model that has none."""
     image, pixel = config.image_threshold, config.pixel_threshold
     if image is None and pixel is None:
-        guess = gaussian_distance_quantile(config.n_features)
-        return Thresholds(image=guess, pixel=guess, calibrated=False)
+        return Thresholds(image=None, pixel=None)
     image = float(image if image is not None else pixel)
     pixel = float(pixel if pixel is not None else image)
-    return Thresholds(image=image, pixel=pixel, calibrated=True)
+    return Thresholds(image=image, pixel=pixel)
 
 
 def load_image(image: str | Path | PIL.Image.Image | np.ndarray, decode: Callable[[Any], PIL.Image.Image]) -> PIL.Image.Image:
@@ -231,9 +220,12 @@ def check_pixel_count(width: int, height: int, name: str = "the image") -> None:
         raise ValueError("the image is empty")
 
 
-def colour_range(thresholds: Thresholds) -> tuple[float, float]:
+def colour_range(thresholds: Thresholds, anomaly_map: np.ndarray) -> tuple[float, float]:
     """Fixed heatmap colour range for a model: centred on the pixel threshold, so colours mean the same on every
-    image (a per-image min-max scale would paint a perfect part red)."""
+    image (a per-image min-max scale would paint a perfect part red). A model with no threshold has no such anchor:
+    its maps are drawn on their own range, which the colour bar's label says."""
+    if thresholds.pixel is None:
+        return float(anomaly_map.min()), float(anomaly_map.max())
     return 0.5 * thresholds.pixel, 2.0 * thresholds.pixel
 
 
@@ -246,7 +238,7 @@ def figure_size(height: int, width: int, longest: float = 6.4, colour_bar: float
 
 
 def render_overlay(
-    image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float, vmin: float, vmax: float
+    image: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float | None, vmin: float, vmax: float
 ) -> np.ndarray:
     """The image with the heatmap blended over it, the mask outline, and a colour bar marking the threshold."""
     figure = Figure(figsize=figure_size(*anomaly_map.shape), dpi=100, layout="constrained")
@@ -254,14 +246,17 @@ def render_overlay(
     axes = figure.add_subplot()
     axes.imshow(image)
     heat = axes.imshow(anomaly_map, cmap="jet", vmin=vmin, vmax=vmax, alpha=0.45, interpolation="bilinear")
-    mask = anomaly_map >= pixel_threshold
-    if mask.any() and not mask.all():
+    mask = anomaly_map >= pixel_threshold if pixel_threshold is not None else None
+    if mask is not None and mask.any() and not mask.all():
         axes.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=1.5)
     axes.set_axis_off()
     # The bar is drawn from an opaque copy of the colour map: a translucent bar is hard to read.
     colour_bar = figure.colorbar(ScalarMappable(norm=heat.norm, cmap=heat.cmap), ax=axes, fraction=0.046, pad=0.02)
-    colour_bar.set_label("anomaly score")
-    colour_bar.ax.axhline(min(max(pixel_threshold, vmin), vmax), color="white", linewidth=2)
+    if pixel_threshold is None:
+        colour_bar.set_label("anomaly score (this image's range: the model has no threshold)")
+    else:
+        colour_bar.set_label("anomaly score")
+        colour_bar.ax.axhline(min(max(pixel_threshold, vmin), vmax), color="white", linewidth=2)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
@@ -275,17 +270,19 @@ def analyse(
 ) -> Analysis:
     """Scores one image: heatmap overlay, binary defect mask, anomaly score and verdict.
 
-    Thresholds default to the model's calibrated ones. Raises ValueError (bad input) with a message meant for the
-    user.
+    Thresholds default to the model's calibrated ones; with none (a model without thresholds, and none given)
+    there is no verdict and no mask. Raises ValueError (bad input) with a message meant for the user.
     """
     defaults = detector.thresholds()
     image_threshold = defaults.image if image_threshold is None else float(image_threshold)
     pixel_threshold = defaults.pixel if pixel_threshold is None else float(pixel_threshold)
     rgb = load_image(image, detector.processor.decode)
     anomaly_map, score = detector.predict(rgb)
-    mask = anomaly_map >= pixel_threshold
-    overlay = render_overlay(np.asarray(rgb), anomaly_map, pixel_threshold, *colour_range(defaults))
-    anomalous = score >= image_threshold
-    label, comparison = ("Anomalous", "≥") if anomalous else ("Normal", "<")
-    verdict = f"{label}: score {score:.2f} {comparison} threshold {image_threshold:.2f}"
+    mask = anomaly_map >= pixel_threshold if pixel_threshold is not None else np.zeros(anomaly_map.shape, bool)
+    overlay = render_overlay(np.asarray(rgb), anomaly_map, pixel_threshold, *colour_range(defaults, anomaly_map))
+    if image_threshold is None:
+        verdict = f"No verdict: score {score:.2f}, and this model has no threshold"
+    else:
+        label, comparison = ("Anomalous", "≥") if score >= image_threshold else ("Normal", "<")
+        verdict = f"{label}: score {score:.2f} {comparison} threshold {image_threshold:.2f}"
     return Analysis(overlay=overlay, mask=mask.astype(np.uint8) * 255, score=score, verdict=verdict)

@@ -32,9 +32,6 @@ MIN_FIT_IMAGES = 10  # one in ten is held out to calibrate the verdict: fewer wo
 MAX_FIT_IMAGES = 100
 MAX_IMAGE_BYTES = 20 * 2**20  # one image file (or zip member)
 MAX_FIT_BYTES = 300 * 2**20  # all images of one fit together, counted uncompressed
-# Images of one fit must share their shape: the processor resizes every image to the same square, so a different
-# aspect ratio would be stretched differently and look like a defect everywhere.
-ASPECT_TOLERANCE = 0.02
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Zips made on macOS or Windows carry these; they are not images the user meant to send.
 IGNORED_ZIP_MEMBERS = re.compile(r"(^|/)(__MACOSX/|\.[^/]*$|Thumbs\.db$|desktop\.ini$)")
@@ -167,37 +164,46 @@ def read_image(upload: Upload, decode: Callable) -> PIL.Image.Image:
         raise UploadError(str(error)) from error
 
 
+def image_sizes(images: list[PIL.Image.Image], names: list[str]) -> dict[tuple[int, int], list[str]]:
+    """{(width, height): [names]}, the shape padim_hf.resolution reads sizes in."""
+    sizes: dict[tuple[int, int], list[str]] = {}
+    for image, name in zip(images, names):
+        sizes.setdefault(image.size, []).append(name)
+    return sizes
+
+
 def check_aspect_ratios(images: list[PIL.Image.Image], names: list[str]) -> None:
-    """Refuses images whose width/height differs by more than ASPECT_TOLERANCE from most images', naming them."""
-    ratios = [image.width / image.height for image in images]
-    groups: dict[float, list[int]] = {}
-    for index, ratio in enumerate(ratios):
-        key = next((key for key in groups if abs(ratio / key - 1) <= ASPECT_TOLERANCE), ratio)
-        groups.setdefault(key, []).append(index)
-    if len(groups) == 1:
-        return
-    common = max(groups.values(), key=len)
-    odd = [index for index in range(len(images)) if index not in common]
-    shape = images[common[0]]
-    listed = ", ".join(f"{names[index]} ({images[index].width}x{images[index].height})" for index in odd[:5])
-    more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
-    raise UploadError(
-        f"mixed aspect ratios: {len(common)} images are {shape.width}x{shape.height} in shape, but {listed}{more} "
-        "are not. Upload images of one shape (crop or pad them alike)"
-    )
+    """Refuses images of several aspect ratios (padim_hf.resolution's test and tolerance), naming sizes and files."""
+    from padim_hf.resolution import common_aspect, describe_sizes
+
+    sizes = image_sizes(images, names)
+    if common_aspect(sizes) is None:
+        raise UploadError(
+            f"mixed aspect ratios: {describe_sizes(sizes)} (width x height). Upload images of one shape (one camera "
+            "setting), or crop them alike"
+        )
 
 
 # --- fitting --------------------------------------------------------------------------------------------------------
 
 
 def fit_detector(images: list[PIL.Image.Image], size: int, source: str = "fitted in this session") -> Detector:
-    """A detector fitted on `images` with the Lite0 preset at `size` px, its verdict threshold calibrated by padim_hf
-    on held-out good images (about FALSE_ALARM_RATE of good parts flagged)."""
-    from padim_hf.fit import build_model, fit_padim, make_accelerator
+    """A detector fitted on `images` with the Lite0 preset, its verdict threshold calibrated by padim_hf on held-out
+    good images (about FALSE_ALARM_RATE of good parts flagged). `images` share one aspect ratio (read_good_images
+    checks it).
+
+    The model's input keeps the images' aspect ratio at about `size` x `size` pixels (padim_hf's `--image-size
+    auto:SIDE`): a 4:3 photo is not squashed into a square. Images of several aspect ratios are refused.
+    """
+    from padim_hf.fit import build_model, fit_padim, load_preset, make_accelerator
+    from padim_hf.resolution import resolve_image_size
 
     if size not in FIT_SIZES:
         raise UploadError(f"input size {size} px is not offered; choose one of {', '.join(map(str, FIT_SIZES))}")
-    model = build_model(PRESET, image_size=size)
+    preset = load_preset(PRESET)
+    sizes = image_sizes(images, [f"image {index + 1}" for index in range(len(images))])
+    image_size = resolve_image_size(f"auto:{size}", sizes, size, preset["backbone"], preset["layers"])
+    model = build_model(PRESET, image_size=image_size)
     model = fit_padim(
         model,
         images,

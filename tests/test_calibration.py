@@ -1,5 +1,6 @@
 """Good-only calibration (padim_hf.calibration): thresholds at a chosen false-alarm rate from good images alone."""
 
+import copy
 import csv
 import json
 import math
@@ -173,7 +174,7 @@ def test_calibrate_on_new_good_images_scores_them_with_the_fitted_model(calibrat
     model = PadimModel.from_pretrained(save_fitted(calibrated, tmp_path / "model"))
     calibrate(model, good, false_alarm_rate=0.01)
     record = model.config.calibration
-    assert record["source"] == {"kind": "good_images", "name": str(good)} and record["num_images"] == 3
+    assert record["source"] == {"kind": "good_images", "name": "good"} and record["num_images"] == 3
     from padim_hf.image_processing_padim import PadimImageProcessor
     from padim_hf.calibration import good_image_batches, score_batches
 
@@ -230,7 +231,7 @@ def test_two_processes_hold_out_the_same_images_and_give_the_same_thresholds_as_
 # Every consumer prints a verdict
 
 
-def test_a_fit_on_train_good_alone_gives_verdicts_in_predict_pipeline_and_export(tmp_path, capsys):
+def test_a_fit_on_train_good_alone_gives_verdicts_in_predict_pipeline_space_and_export(tmp_path, capsys):
     import shutil
 
     from transformers import pipeline
@@ -267,6 +268,17 @@ def test_a_fit_on_train_good_alone_gives_verdicts_in_predict_pipeline_and_export
     for path, result in zip(tests, detector([str(p) for p in tests])):
         assert result["label"] == (rows[str(path)]["label"] == "anomalous")
         assert result["mask"] is not None and result["normalized_score"] == pytest.approx(rows[str(path)]["normalized_score"])
+
+    # The Space (spaces/detector.py, loaded as the Space loads models: trust_remote_code from the directory)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("padim_space_detector", Path(__file__).parents[1] / "spaces" / "detector.py")
+    space = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(space)
+    detector = space.Detector.load(model_dir)
+    for path in tests:
+        verdict = space.analyse(str(path), detector=detector).verdict
+        assert verdict.startswith("Anomalous" if rows[str(path)]["label"] == "anomalous" else "Normal"), verdict
 
     export(model_dir, model_dir / "onnx", "onnx")
     runtime = PadimRuntime(model_dir / "onnx", "onnxruntime")
@@ -379,3 +391,26 @@ def test_fit_cli_calibrates_on_a_separate_folder_of_good_images(demo_data, tmp_p
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["num_train_images"] == 23 and config["calibration"]["num_images"] == 3
     assert config["calibration"]["source"] == {"kind": "calibration_data", "num_images": 3, "name": "good", "split": None}
+
+
+def test_calibrate_warns_that_existing_exports_keep_the_old_thresholds(calibrated, tmp_path, caplog):
+    from padim_hf.cli import main
+
+    model_dir = save_fitted(calibrated, tmp_path / "model")
+    (model_dir / "onnx").mkdir()  # an export folder: its graph holds the thresholds as constants
+    main(["calibrate", "--model", str(model_dir), "--false-alarm-rate", "0.5"])
+    assert f"{model_dir / 'onnx'}/ still hold the old thresholds" in caplog.text
+
+
+def test_calibrate_on_a_streamed_dataset_of_good_images_equals_the_map_style_one(calibrated, demo_data, tmp_path):
+    from datasets import Dataset, Features, Image, Value
+
+    images = sorted((demo_data / "train" / "good").glob("*.png"))[:6]
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    rows = {"image": [{"bytes": p.read_bytes(), "path": None} for p in images], "label": [0] * len(images)}
+    Dataset.from_dict(rows, features=Features({"image": Image(), "label": Value("int64")})).to_parquet(
+        tmp_path / "repo" / "data" / "train-00000-of-00001.parquet")
+    model = copy.deepcopy(calibrated)  # the module's shared model keeps its own held-out scores
+    expected = calibrate(model, training_split(str(tmp_path / "repo")), false_alarm_rate=0.2).config.calibration["scores"]
+    streamed = calibrate(model, training_split(str(tmp_path / "repo"), streaming=True), false_alarm_rate=0.2)
+    assert len(expected) == 6 and streamed.config.calibration["scores"] == expected

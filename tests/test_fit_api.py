@@ -154,3 +154,22 @@ def test_dataset_shards_are_contiguous_cover_every_row_once_and_may_be_empty():
     assert [dataset_shard(rows, rank, 3)["index"] for rank in range(3)] == [[0, 1], [2, 3], [4]]
     two = Dataset.from_dict({"index": [0, 1]})  # fit and evaluate of 2 images on 3 processes: the last gets none
     assert [list(dataset_shard(two, rank, 3)["index"]) for rank in range(3)] == [[0], [1], []]
+
+
+def test_the_progress_bar_knows_its_total_for_a_list_of_images(train_paths, monkeypatch):
+    """A list of images (what the Space passes) gives the progress bar a total, so it can show a bar; a generator
+    cannot tell its length and gets none."""
+    import padim_hf.fit as fit_module
+
+    totals = []
+
+    class RecordingBar(fit_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs.get("total"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "tqdm", RecordingBar)
+    accelerator = make_accelerator(cpu=True)
+    for data in ([PIL.Image.open(p) for p in train_paths], (str(p) for p in train_paths)):
+        fit_padim(build_model("padim-lite0-offline", **SMALL), data, batch_size=2, accelerator=accelerator, holdout_fraction=0)
+    assert totals == [len(train_paths), None]

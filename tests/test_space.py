@@ -6,6 +6,7 @@ its thresholds calibrated on held-out synthetic images, saved with its remote co
 """
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -326,18 +327,28 @@ def test_model_panel_lists_backbone_training_set_and_metrics(app):
     assert f"image {app.DETECTOR.thresholds().image:.2f}" in text
 
 
-def test_uncalibrated_model_starts_at_a_stated_default(app, uncalibrated_model_dir):
-    from scipy.stats import chi2
+def test_a_model_without_thresholds_gives_heatmaps_and_scores_but_no_verdict(app, uncalibrated_model_dir):
+    """No threshold of the Space's own making: padim_hf calls no part good or defective without one, nor does the
+    Space; the panel says so in padim_hf's words and points to fitting (which calibrates)."""
+    from padim_hf.calibration import describe_calibration
 
     detector = app.Detector.load(uncalibrated_model_dir)
     thresholds = detector.thresholds()
-    assert not thresholds.calibrated
-    assert thresholds.image == thresholds.pixel == pytest.approx(np.sqrt(chi2.ppf(0.999, 50)), rel=0.01)
+    assert not thresholds.calibrated and thresholds.image is None and thresholds.pixel is None
     text = app.model_card_markdown(detector)
-    assert "Uncalibrated model" in text and f"{thresholds.image:.2f}" in text
-    result = analyse(app, EXAMPLES / "good_1.png", detector=detector)
-    assert result.score > thresholds.image  # why the panel warns: real scores run higher than the Gaussian bound
-    assert app.slider_maximum(thresholds) > result.score
+    assert describe_calibration(detector.config) in text and "Fit your own detector" in text
+    result = analyse(app, EXAMPLES / "hole.png", detector=detector)
+    assert result.verdict.startswith("No verdict") and f"{result.score:.2f}" in result.verdict
+    assert not result.mask.any() and result.overlay.shape[2] == 3
+    explicit = analyse(app, EXAMPLES / "hole.png", result.score / 2, result.score / 2, detector=detector)
+    assert explicit.verdict.startswith("Anomalous") and explicit.mask.any()  # thresholds given are used
+    space = app.Space(detector)
+    import gradio as gr
+
+    *_, verdict = space.predict(str(EXAMPLES / "hole.png"), 1.0, 1.0, gr.Request(session_hash="no-threshold"))
+    assert verdict.startswith("No verdict")  # the (hidden) sliders' values are not a threshold
+    sliders = [block for block in app.build_demo(space).blocks.values() if isinstance(block, gr.Slider)]
+    assert sliders and not any(slider.visible for slider in sliders)
 
 
 def test_sliders_grow_to_leave_room_above_every_score(app):
@@ -443,7 +454,7 @@ def test_good_images_come_from_files_and_zips_alike(app, tmp_path):
         ("zip with other files", r"parts.zip: good/readme.md is not an image"),
         ("broken zip", r"broken.zip is not a zip file that can be opened"),
         ("empty zip", r"empty.zip holds no images"),
-        ("mixed aspect ratios", r"mixed aspect ratios: 10 images are 96x96 in shape, but fabric_1_00.png \(128x96\), "),
+        ("mixed aspect ratios", r"mixed aspect ratios: 96 x 96 \(10 images, e.g. fabric_0_00.png.*; 128 x 96 \(2 images: fabric_1_00.png, fabric_1_01.png\)"),
         ("huge", r"fabric_0_00.png is 96x96 pixels; images up to 0 megapixels are accepted"),
     ],
 )
@@ -477,6 +488,15 @@ def test_every_refused_upload_gets_a_message(app, tmp_path, monkeypatch, case, m
         monkeypatch.setattr(app.sys.modules["detector"], "MAX_PIXELS", 1000)
     with pytest.raises(fitting.UploadError, match=message):
         fitting.read_good_images(paths, app.decode)
+
+
+def test_a_fit_keeps_the_uploads_aspect_ratio(app, tmp_path):
+    """4:3 photos fit a 4:3 model at about the chosen pixel count (padim_hf's auto size), not a squashed square."""
+    images = app.fitting.read_good_images(write_images(tmp_path / "wide", 10, size=(128, 96)), app.decode)
+    detector = app.fitting.fit_detector(images, 128)
+    height, width = detector.config.image_size
+    assert width > height and abs(width / height - 4 / 3) < 0.1 and abs(height * width / 128**2 - 1) < 0.2
+    assert detector.config.image_threshold is not None and detector.config.calibration["num_images"] >= 5
 
 
 def test_a_zip_member_is_never_read_past_its_declared_size(app, tmp_path, monkeypatch):
@@ -736,30 +756,52 @@ def test_browser_bad_upload_shows_an_error_message(page, text_file_named_png, tm
 
 
 @pytest.mark.slow
-def test_browser_sliders_grow_past_an_uncalibrated_guess(app, uncalibrated_model_dir):
+def test_browser_sliders_grow_past_a_high_score(app, model_dir, tmp_path):
     from playwright.sync_api import expect
 
     require_chromium()
-    detector = app.Detector.load(uncalibrated_model_dir)
-    demo = app.build_demo(app.Space(detector))
+    low = Path(shutil.copytree(model_dir, tmp_path / "low-threshold"))
+    config = json.loads((low / "config.json").read_text())
+    config["image_threshold"] = config["pixel_threshold"] = 1.0  # far below a defect's score
+    (low / "config.json").write_text(json.dumps(config))
+    detector = app.Detector.load(low)
+    demo = app.build_demo(app.Space(detector, root=tmp_path / "sessions"))
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
     try:
         for page in open_page(f"http://127.0.0.1:{port}/"):
-            expect(page.locator("#model-info")).to_contain_text("Uncalibrated model")
             slider = page.locator("#image-threshold input[type=range]")
             first_top = float(slider.get_attribute("max"))
-            assert first_top == app.slider_maximum(detector.thresholds())
+            assert first_top == app.slider_maximum(detector.thresholds()) == 3.0
             page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLES / "hole.png"))
             expect(page.locator("#verdict textarea")).to_have_value(re.compile("^Anomalous"), timeout=60_000)
             score = float(page.locator("#score input").input_value())
-            assert score > first_top  # the guess is far below real scores: the situation the widening is for
+            assert score > first_top  # the situation the widening is for
             page.wait_for_function(
                 "([selector, top]) => parseFloat(document.querySelector(selector).max) !== top",
                 arg=["#image-threshold input[type=range]", first_top],
                 timeout=10_000,
             )
             assert float(slider.get_attribute("max")) == app.widened_maximum(score, first_top)
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
+def test_browser_model_without_thresholds_hides_the_sliders(app, uncalibrated_model_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    require_chromium()
+    demo = app.build_demo(app.Space(app.Detector.load(uncalibrated_model_dir), root=tmp_path / "sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        for page in open_page(f"http://127.0.0.1:{port}/"):
+            expect(page.locator("#model-info")).to_contain_text("No threshold")
+            expect(page.locator("#image-threshold")).to_be_hidden()
+            page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLES / "hole.png"))
+            expect(page.locator("#verdict textarea")).to_have_value(re.compile("^No verdict"), timeout=60_000)
+            page.screenshot(path=str(artefacts("no-threshold") / "no-verdict.png"), full_page=True)
     finally:
         demo.close()
 
@@ -794,6 +836,14 @@ def defect_file(folder: Path, kind: str = "hole", size: int = 96) -> Path:
     return folder / f"{kind}.png"
 
 
+def made_files() -> set[Path]:
+    """Model zips and heatmaps in Gradio's upload folder (where the Space's session folders live)."""
+    from gradio.utils import get_upload_folder
+
+    root = Path(get_upload_folder())
+    return {*root.rglob("padim-model.zip"), *root.rglob("heatmap-*.png")}
+
+
 def fitted_sessions(app, demo=None) -> dict:
     return {key: s for key, s in (demo or app.demo).space.sessions.snapshot().items() if s.detector is not None}
 
@@ -802,6 +852,8 @@ def fitted_sessions(app, demo=None) -> dict:
 def test_browser_fit_inspect_and_download(app, server, tmp_path):
     """Upload good images, fit, read the held-out calibration, analyse a defective part, download the model."""
     import zipfile
+
+    from padim_hf.calibration import describe_calibration
 
     from playwright.sync_api import expect
 
@@ -812,12 +864,12 @@ def test_browser_fit_inspect_and_download(app, server, tmp_path):
         page.screenshot(path=str(shots / "1-uploaded.png"), full_page=True)
         page.locator("#fit-button").click()
         result = page.locator("#fit-result")
-        expect(result).to_contain_text("Fitted on 10 good images at 128 px", timeout=120_000)
+        expect(result).to_contain_text("Fitted on 10 good images at 128 x 128 px", timeout=120_000)
         (session,) = [s for key, s in fitted_sessions(app).items() if key not in before]
         config = session.detector.config
         assert config.num_train_images == 10 and config.input_size in (128, (128, 128), [128, 128])
         assert config.calibration["num_images"] >= 1 and config.image_threshold is not None
-        expect(result).to_contain_text(app.fitting.calibration_summary(session.detector))  # the library's words
+        expect(result).to_contain_text(describe_calibration(config))  # the library's own words
         page.screenshot(path=str(shots / "2-fitted.png"), full_page=True)
 
         with page.expect_download() as download:
@@ -878,6 +930,7 @@ def test_two_sessions_fitting_at_once_get_their_own_models(app, server, tmp_path
     data = {10: write_images(tmp_path / "fabric", 10, kind="fabric"), 12: write_images(tmp_path / "grey", 12, kind="texture")}
     defect = defect_file(tmp_path / "test")
     before = set(fitted_sessions(app))
+    made_before = made_files()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -915,6 +968,11 @@ def test_two_sessions_fitting_at_once_get_their_own_models(app, server, tmp_path
                 time.sleep(0.5)
             assert not sessions[10].folder.exists() and not any(path.exists() for path in own)
             assert sessions[12].folder.exists() and all(path.exists() for path in sessions[12].uploads)
+            # Nothing the sessions made was copied elsewhere by Gradio: every model zip and heatmap made during this
+            # test that is still on disk lies in a live session's folder (Gradio serves its upload folder as it is).
+            live = {session.folder for session in app.demo.space.sessions.snapshot().values()}
+            made = made_files() - made_before
+            assert made and all(path.parent in live for path in made), made
         finally:
             browser.close()
 
@@ -959,6 +1017,36 @@ def test_queue_says_where_you_are_while_another_fit_runs(app, monkeypatch, tmp_p
                 browser.close()
     finally:
         release.set()
+        demo.close()
+
+
+@pytest.mark.slow
+def test_browser_fit_shows_padim_hfs_progress_bar(app, monkeypatch, tmp_path):
+    """The Fit button's progress bar is fit_padim's own (tqdm, tracked by Gradio), with the image count as its total.
+    Reading the images is slowed down here so that the page can be looked at mid-fit."""
+    from playwright.sync_api import expect
+
+    require_chromium()
+
+    class SlowImages(list):  # the second batch (images 17-20) takes 4 s to read: the bar stands at 16/20 meanwhile
+        def __iter__(self):
+            for index, image in enumerate(super().__iter__()):
+                time.sleep(1.0 if index >= 16 else 0.0)
+                yield image
+
+    fit_detector = app.fitting.fit_detector
+    monkeypatch.setattr(app.fitting, "fit_detector", lambda images, size, **kw: fit_detector(SlowImages(images), size, **kw))
+    demo = app.build_demo(app.Space(app.DETECTOR, root=tmp_path / "sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        for page in open_page(f"http://127.0.0.1:{port}/"):
+            choose_fit_files(page, write_images(tmp_path / "good", 20))
+            page.locator("#fit-button").click()
+            expect(page.locator("#fit-result")).to_contain_text(re.compile(r"16/20 img.*fit \[cpu\] - 80\.0%", re.S), timeout=60_000)
+            page.screenshot(path=str(artefacts("progress") / "fitting.png"), full_page=True)
+            expect(page.locator("#fit-result")).to_contain_text("Fitted on 20 good images", timeout=120_000)
+    finally:
         demo.close()
 
 
