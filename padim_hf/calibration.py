@@ -267,7 +267,7 @@ def good_image_batches(images, processor, batch_size: int = 16) -> Iterable[torc
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(processor)):
             yield batch["pixel_values"]
         return
-    if hasattr(images, "column_names"):  # a datasets.Dataset in padim_hf's columns
+    if hasattr(images, "column_names"):  # a datasets.Dataset or a streamed IterableDataset in padim_hf's columns
         labels = images["label"] if "label" in images.column_names else []
         if any(label not in (0, None) for label in labels):
             raise ValueError("good_images contains rows labelled anomalous: calibrate on good images only")

@@ -633,7 +633,10 @@ def reduce_statistics(
     counts[rank] = statistics.count if statistics is not None else 0
     dist.all_reduce(counts)
     if int(counts.sum()) == 0:
-        raise ValueError("no training images were accumulated on any process: the training set is empty")
+        raise ValueError(
+            "no training images were accumulated on any process: the training set is empty (or so small that every "
+            "image was held out for calibration: pass holdout_fraction=0)"
+        )
     source = int(torch.nonzero(counts)[0])
     # A separate buffer: broadcast overwrites its tensor, and every process still needs its own shift to rebase.
     shift = statistics.shift.to(wire, copy=True) if rank == source else torch.empty(shape, dtype=torch.float32, device=wire)

@@ -219,9 +219,10 @@ INTRO = (
 )
 FIT_HELP = f"""Upload {fitting.MIN_FIT_IMAGES} to {fitting.MAX_FIT_IMAGES} photos of **good** parts (several files at
 once, or one .zip), all of one shape, up to {fitting.MAX_IMAGE_BYTES // 2**20} MB each. The detector is fitted on this
-Space's CPU with an ImageNet EfficientNet-Lite0 backbone; one image in ten is held out to set the verdict threshold
-so that about {fitting.FALSE_ALARM_RATE:.0%} of good parts are flagged. Your images and your model are yours alone and
-are deleted when you close this tab: download the model, or push it to your Hub account, to keep it."""
+Space's CPU with an ImageNet EfficientNet-Lite0 backbone. About one image in ten (at least five) is held out, scored,
+then added to the fit: their scores set the verdict threshold, aiming at {fitting.FALSE_ALARM_RATE:.0%} false alarms
+(the result says what your number of images allows). Your images and your model are yours alone and are deleted when
+you close this tab: download the model, or push it to your Hub account, to keep it."""
 
 
 def build_demo(space: "Space") -> gr.Blocks:
@@ -289,7 +290,7 @@ def build_demo(space: "Space") -> gr.Blocks:
                 value=fitting.DEFAULT_FIT_SIZE, label="Input size: about N x N pixels, at your images' aspect ratio (larger: finer maps, slower fit)", elem_id="fit-size",
             )
             fit_button = gr.Button("Fit", variant="primary", elem_id="fit-button")
-            fit_result = gr.Markdown(elem_id="fit-result")
+            fit_result = gr.Markdown(elem_id="fit-result", min_height=90)  # room for the progress bar
             download = gr.DownloadButton("Download the model (.zip)", visible=False, elem_id="download")
             with gr.Group():
                 gr.Markdown("### Push the model to your Hugging Face account")

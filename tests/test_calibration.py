@@ -1,5 +1,6 @@
 """Good-only calibration (padim_hf.calibration): thresholds at a chosen false-alarm rate from good images alone."""
 
+import copy
 import csv
 import json
 import math
@@ -399,3 +400,17 @@ def test_calibrate_warns_that_existing_exports_keep_the_old_thresholds(calibrate
     (model_dir / "onnx").mkdir()  # an export folder: its graph holds the thresholds as constants
     main(["calibrate", "--model", str(model_dir), "--false-alarm-rate", "0.5"])
     assert f"{model_dir / 'onnx'}/ still hold the old thresholds" in caplog.text
+
+
+def test_calibrate_on_a_streamed_dataset_of_good_images_equals_the_map_style_one(calibrated, demo_data, tmp_path):
+    from datasets import Dataset, Features, Image, Value
+
+    images = sorted((demo_data / "train" / "good").glob("*.png"))[:6]
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    rows = {"image": [{"bytes": p.read_bytes(), "path": None} for p in images], "label": [0] * len(images)}
+    Dataset.from_dict(rows, features=Features({"image": Image(), "label": Value("int64")})).to_parquet(
+        tmp_path / "repo" / "data" / "train-00000-of-00001.parquet")
+    model = copy.deepcopy(calibrated)  # the module's shared model keeps its own held-out scores
+    expected = calibrate(model, training_split(str(tmp_path / "repo")), false_alarm_rate=0.2).config.calibration["scores"]
+    streamed = calibrate(model, training_split(str(tmp_path / "repo"), streaming=True), false_alarm_rate=0.2)
+    assert len(expected) == 6 and streamed.config.calibration["scores"] == expected

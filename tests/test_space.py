@@ -836,6 +836,14 @@ def defect_file(folder: Path, kind: str = "hole", size: int = 96) -> Path:
     return folder / f"{kind}.png"
 
 
+def made_files() -> set[Path]:
+    """Model zips and heatmaps in Gradio's upload folder (where the Space's session folders live)."""
+    from gradio.utils import get_upload_folder
+
+    root = Path(get_upload_folder())
+    return {*root.rglob("padim-model.zip"), *root.rglob("heatmap-*.png")}
+
+
 def fitted_sessions(app, demo=None) -> dict:
     return {key: s for key, s in (demo or app.demo).space.sessions.snapshot().items() if s.detector is not None}
 
@@ -922,6 +930,7 @@ def test_two_sessions_fitting_at_once_get_their_own_models(app, server, tmp_path
     data = {10: write_images(tmp_path / "fabric", 10, kind="fabric"), 12: write_images(tmp_path / "grey", 12, kind="texture")}
     defect = defect_file(tmp_path / "test")
     before = set(fitted_sessions(app))
+    made_before = made_files()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
@@ -959,6 +968,11 @@ def test_two_sessions_fitting_at_once_get_their_own_models(app, server, tmp_path
                 time.sleep(0.5)
             assert not sessions[10].folder.exists() and not any(path.exists() for path in own)
             assert sessions[12].folder.exists() and all(path.exists() for path in sessions[12].uploads)
+            # Nothing the sessions made was copied elsewhere by Gradio: every model zip and heatmap made during this
+            # test that is still on disk lies in a live session's folder (Gradio serves its upload folder as it is).
+            live = {session.folder for session in app.demo.space.sessions.snapshot().values()}
+            made = made_files() - made_before
+            assert made and all(path.parent in live for path in made), made
         finally:
             browser.close()
 
@@ -1003,6 +1017,36 @@ def test_queue_says_where_you_are_while_another_fit_runs(app, monkeypatch, tmp_p
                 browser.close()
     finally:
         release.set()
+        demo.close()
+
+
+@pytest.mark.slow
+def test_browser_fit_shows_padim_hfs_progress_bar(app, monkeypatch, tmp_path):
+    """The Fit button's progress bar is fit_padim's own (tqdm, tracked by Gradio), with the image count as its total.
+    Reading the images is slowed down here so that the page can be looked at mid-fit."""
+    from playwright.sync_api import expect
+
+    require_chromium()
+
+    class SlowImages(list):  # the second batch (images 17-20) takes 4 s to read: the bar stands at 16/20 meanwhile
+        def __iter__(self):
+            for index, image in enumerate(super().__iter__()):
+                time.sleep(1.0 if index >= 16 else 0.0)
+                yield image
+
+    fit_detector = app.fitting.fit_detector
+    monkeypatch.setattr(app.fitting, "fit_detector", lambda images, size, **kw: fit_detector(SlowImages(images), size, **kw))
+    demo = app.build_demo(app.Space(app.DETECTOR, root=tmp_path / "sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        for page in open_page(f"http://127.0.0.1:{port}/"):
+            choose_fit_files(page, write_images(tmp_path / "good", 20))
+            page.locator("#fit-button").click()
+            expect(page.locator("#fit-result")).to_contain_text(re.compile(r"16/20 img.*fit \[cpu\] - 80\.0%", re.S), timeout=60_000)
+            page.screenshot(path=str(artefacts("progress") / "fitting.png"), full_page=True)
+            expect(page.locator("#fit-result")).to_contain_text("Fitted on 20 good images", timeout=120_000)
+    finally:
         demo.close()
 
 
