@@ -140,19 +140,18 @@ def uncalibrated_model_dir(fitted_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def app(model_dir):
-    """spaces/app.py imported the way `python app.py` runs it, with PADIM_MODEL pointing at the test model."""
-    previous = os.environ.get("PADIM_MODEL")
-    os.environ["PADIM_MODEL"] = str(model_dir)
-    try:
+def app(model_dir, tmp_path_factory):
+    """spaces/app.py imported the way `python app.py` runs it, with PADIM_MODEL pointing at the test model.
+
+    Gradio's upload folder (where uploads and the Space's session folders go) is this test session's own, so what
+    a test finds there was made by this session, not by another test run on the same machine."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PADIM_MODEL", str(model_dir))
+        patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
         module = load_module(SPACE_DIR / "app.py", "padim_space_app")
-    finally:
-        if previous is None:
-            os.environ.pop("PADIM_MODEL")
-        else:
-            os.environ["PADIM_MODEL"] = previous
-    assert module.DETECTOR is not None, module.LOAD_MESSAGE
-    return module
+        assert module.DETECTOR is not None, module.LOAD_MESSAGE
+        assert str(module.demo.space.sessions.root).startswith(os.environ["GRADIO_TEMP_DIR"])
+        yield module
 
 
 @pytest.fixture(scope="session")
@@ -1023,19 +1022,22 @@ def test_queue_says_where_you_are_while_another_fit_runs(app, monkeypatch, tmp_p
 @pytest.mark.slow
 def test_browser_fit_shows_padim_hfs_progress_bar(app, monkeypatch, tmp_path):
     """The Fit button's progress bar is fit_padim's own (tqdm, tracked by Gradio), with the image count as its total.
-    Reading the images is slowed down here so that the page can be looked at mid-fit."""
+    The second batch is slowed down here so that the page can be looked at mid-fit."""
     from playwright.sync_api import expect
 
     require_chromium()
 
-    class SlowImages(list):  # the second batch (images 17-20) takes 4 s to read: the bar stands at 16/20 meanwhile
-        def __iter__(self):
-            for index, image in enumerate(super().__iter__()):
-                time.sleep(1.0 if index >= 16 else 0.0)
-                yield image
+    import padim_hf.fit
 
-    fit_detector = app.fitting.fit_detector
-    monkeypatch.setattr(app.fitting, "fit_detector", lambda images, size, **kw: fit_detector(SlowImages(images), size, **kw))
+    collate, batches = padim_hf.fit._FitCollator.__call__, []
+
+    def slow_second_batch(self, rows):  # images 17-20 take 4 s to prepare: the bar stands at 16/20 meanwhile
+        batches.append(len(rows))
+        if len(batches) == 2:
+            time.sleep(4.0)
+        return collate(self, rows)
+
+    monkeypatch.setattr(padim_hf.fit._FitCollator, "__call__", slow_second_batch)
     demo = app.build_demo(app.Space(app.DETECTOR, root=tmp_path / "sessions"))
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
