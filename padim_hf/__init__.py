@@ -52,6 +52,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "push_model": ("hub", "push_model"),
     "HubPushError": ("hub", "HubPushError"),
     "run_benchmark": ("benchmark", "run_benchmark"),
+    "run_sweep": ("sweep", "run_sweep"),
     "make_demo_dataset": ("demo", "make_demo_dataset"),
 }
 
@@ -127,5 +128,6 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from .pipeline_padim import TASK as ANOMALY_DETECTION_TASK
     from .pipeline_padim import AnomalyDetectionPipeline
     from .predict import predict_images
+    from .sweep import run_sweep
 
 __all__ = ["register", *_EXPORTS]

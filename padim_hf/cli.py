@@ -6,8 +6,11 @@ Nothing heavy is imported until a command runs, so `padim-hf` and `padim-hf --he
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
+
+from .extras import MissingDependencyError
 
 # Command -> ("module:function" taking the command's arguments, one line for the command list). In the order a user needs them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -85,7 +88,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Problems with the user's input or environment (a missing file, a bad value, a refused push): one line says
     what to fix. Anything else (a CUDA out-of-memory error, a bug) keeps its traceback: hiding it would hide the
     cause. Imported only once a command has run (their modules import torch)."""
-    errors: list[type[BaseException]] = [ValueError, OSError]
+    errors: list[type[BaseException]] = [ValueError, OSError, MissingDependencyError]
     for module, name in (("padim_hf.hub", "HubPushError"), ("padim_hf.modeling_padim", "NotFittedError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
@@ -103,10 +106,16 @@ def as_command_line(message: str) -> str:
 
 
 def configure_logging(verbose: bool) -> None:
-    """The command line shows padim_hf's INFO messages (progress, what was skipped) and only warnings from other
-    libraries, unless --verbose. Only this entry point configures logging; the library never does."""
+    """By default the command line shows warnings and errors, padim_hf's progress bars and what the command prints;
+    --verbose adds every library's INFO messages and progress bars (datasets' and transformers' too). Only this
+    entry point configures logging: the library itself never touches the root logger."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("padim_hf").setLevel(logging.INFO)
+    if not verbose:
+        # datasets reads this when imported (the command's module imports it below); a user's own setting wins.
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
 
 
 def main(argv: list[str] | None = None) -> None:

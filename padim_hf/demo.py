@@ -6,6 +6,7 @@ written in the MVTec AD layout with exact ground-truth masks.
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -108,12 +109,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  model:    {model_dir}  (PadimModel.from_pretrained('{model_dir}'), gallery.png inside)")
     print(f"  heatmaps: {out / 'heatmaps'}  (predictions.csv/json beside them)")
     print(f"  metrics:  {out / 'metrics.json'}")
-    print(f"  Space:    PADIM_MODEL={model_dir} python spaces/app.py")
+    print(f"  Space:    {space_command(model_dir)}")
+
+
+def space_command(model_dir: Path) -> str:
+    """The command that opens the Space on `model_dir` with this environment's Python, installing the space extra
+    first when gradio is missing. The Space's code is in the repository (spaces/app.py), not in the package."""
+    from .extras import install_command, is_installed, source_checkout
+
+    checkout = source_checkout()
+    app = checkout / "spaces" / "app.py" if checkout else Path("spaces/app.py")
+    run = f"PADIM_MODEL={model_dir.resolve()} {sys.executable} {app}"
+    if checkout is None:
+        run += "  (from a clone of the padim_hf repository)"
+    return run if is_installed("gradio") else f"{install_command('space')} && {run}"
 
 
 if __name__ == "__main__":  # `python -m padim_hf.demo` (torchrun, accelerate launch): the command line's logging and errors
-    import sys
-
     from padim_hf.cli import main as command_line
 
     command_line(["demo", *sys.argv[1:]])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configuration_padim import PadimConfig
+from .extras import require
 from .modeling_padim import PadimModel, gaussian_blur_separable, nearest_source_indices
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _commit(staging: Path, output_dir: Path) -> list[Path]:
 
 def _trace_onnx(model: PadimModel, path: Path) -> None:
     """Writes the ONNX graph to `path`, weights beside it as external data when they exceed the protobuf limit."""
-    import onnx
+    onnx = require("onnx")
 
     wrapper = ExportablePadim(model).eval()
     example = torch.zeros(2, 3, *model.config.input_size, device=model.device)
@@ -211,7 +212,7 @@ def export_openvino(model: PadimModel, output_dir: str | Path) -> list[Path]:
     `INFERENCE_PRECISION_HINT=f32` (padim_export.json's `openvino_config`; `PadimRuntime` does): its CPU plugin
     would otherwise run it in bfloat16 where the CPU has it. Refuses to overwrite existing files.
     """
-    import openvino as ov
+    ov = require("openvino")
 
     _require_fitted(model)
     output_dir = Path(output_dir)
@@ -257,6 +258,7 @@ def resolve_export_folder(model: str | Path, engine: str) -> Path:
 
 
 EXPORTERS = {"onnx": export_onnx, "openvino": export_openvino}
+EXPORT_MODULES = {"onnx": ("onnx",), "openvino": ("onnx", "openvino")}  # the OpenVINO IR is converted from ONNX
 
 
 def export(model: PadimModel | str | Path, output_dir: str | Path, format: str = "onnx") -> list[Path]:
@@ -273,6 +275,8 @@ def export(model: PadimModel | str | Path, output_dir: str | Path, format: str =
     """
     if format not in EXPORTERS:
         raise ValueError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    for module in EXPORT_MODULES[format]:  # before loading the model: a missing extra is known at once
+        require(module)
     if not isinstance(model, PadimModel):
         model = PadimModel.from_pretrained(str(model))
     return EXPORTERS[format](model.eval(), output_dir)

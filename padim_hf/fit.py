@@ -842,7 +842,8 @@ def fit(args: argparse.Namespace) -> Path | None:
         calibration_source = dataset_reference(args.calibration_data or args.data)
         model.config.calibration["source"].update(name=calibration_source, split=args.calibration_split)
     output = save_fitted(model, args.output_dir, overwrite=args.overwrite, main_process=True)
-    print(f"fitted on {model.config.num_train_images} images in {time.perf_counter() - started:.1f} s -> {output}")
+    images = model.config.num_train_images
+    print(f"fitted on {images} image{'' if images == 1 else 's'} in {time.perf_counter() - started:.1f} s -> {output}")
     print(describe_calibration(model.config))
     if args.push_to_hub:
         from .hub import push_model

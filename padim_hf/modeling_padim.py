@@ -69,6 +69,48 @@ class PadimOutput(ModelOutput):
     pred_label: torch.BoolTensor | None = None
 
 
+TIMM_BUILDER_LOGGER = "timm.models._builder"  # where timm reports how pretrained weights loaded
+
+
+class TimmLoadReport(logging.Filter):
+    """What timm reports while loading pretrained weights into a features-only backbone.
+
+    The ImageNet checkpoints hold a classifier head (and, for EfficientNets, the layers after the last stage) that a
+    `features_only` model does not have, so timm warns "Unexpected keys (bn2..., classifier...) found" on every load:
+    expected by design, so precisely that message is dropped. Missing keys are kept for the caller to refuse.
+    """
+
+    def __init__(self, shown_level: int):
+        super().__init__()
+        self.shown_level = shown_level  # the logger's level before: records below it are read, not shown
+        self.missing: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Missing keys ("):
+            keys = message[len("Missing keys (") :].split(")")[0].split(", ")
+            self.missing = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        if message.startswith("Unexpected keys ("):
+            return False
+        return record.levelno >= self.shown_level
+
+    @classmethod
+    @contextlib.contextmanager
+    def reading(cls, logger_name: str):
+        """Yields the report of what `logger_name` logs meanwhile: the logger is opened to INFO (timm reports missing
+        keys at INFO) with this filter, which lets through only what would have been shown anyway."""
+        logger = logging.getLogger(logger_name)
+        level = logger.level
+        report = cls(logger.getEffectiveLevel())
+        logger.addFilter(report)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+        try:
+            yield report
+        finally:
+            logger.setLevel(level)
+            logger.removeFilter(report)
+
+
 def create_backbone(config: PadimConfig, weights_file: str | None = None, pretrained: bool = False) -> nn.Module:
     """A timm `features_only` backbone returning `config.layers`, with no module after the last used stage.
 
@@ -76,13 +118,19 @@ def create_backbone(config: PadimConfig, weights_file: str | None = None, pretra
     else from the Hub.
     """
     overlay = dict(file=str(weights_file)) if weights_file is not None else None
-    backbone = timm.create_model(
-        config.backbone,
-        pretrained=pretrained,
-        pretrained_cfg_overlay=overlay,
-        features_only=True,
-        out_indices=tuple(config.layers),
-    )
+    with TimmLoadReport.reading(TIMM_BUILDER_LOGGER) as report:
+        backbone = timm.create_model(
+            config.backbone,
+            pretrained=pretrained,
+            pretrained_cfg_overlay=overlay,
+            features_only=True,
+            out_indices=tuple(config.layers),
+        )
+    if report.missing:  # timm only logs this (at INFO) and keeps random weights: a file for another architecture
+        raise ValueError(
+            f"the backbone weights{f' in {weights_file}' if weights_file else ''} do not fit {config.backbone!r}: "
+            f"missing {report.missing}"
+        )
     last_module = backbone.feature_info.module_name()[-1]
     # timm truncates FeatureListNet itself; EfficientNet-style extractors keep every block, so drop the unused ones.
     if last_module.startswith("blocks.") and hasattr(backbone, "blocks"):

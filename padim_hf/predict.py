@@ -4,7 +4,7 @@ import argparse
 import csv
 import json
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import torch
@@ -43,8 +43,11 @@ def load_engine(
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     from .export import resolve_export_folder
+    from .extras import require
     from .image_processing_padim import PadimImageProcessor
     from .runtime import PadimRuntime
+
+    require(engine)  # "onnxruntime" / "openvino": a missing extra named before anything is downloaded or loaded
 
     folder = resolve_export_folder(model, engine)
     runtime = PadimRuntime(folder, engine, precision=precision)
@@ -54,8 +57,33 @@ def load_engine(
         return torch.from_numpy(outputs["anomaly_map"]), torch.from_numpy(outputs["pred_score"])
 
     keys = ("image_threshold", "pixel_threshold", "score_min", "score_max")
-    config = SimpleNamespace(**{key: runtime.config[key] for key in keys})
+    config = SimpleNamespace(**{key: runtime.config[key] for key in keys}, calibration=runtime.config.get("calibration"))
     return score, PadimImageProcessor.from_pretrained(folder), config
+
+
+def calibration_marker(config) -> Callable[[str], bool | None]:
+    """`is_calibration(path)`: whether an input image is one the model's thresholds were calibrated on (listed in
+    `config.calibration["images"]`, relative to the dataset folder the record names). Their scores set the
+    threshold, so they are not test results; predictions mark them. None for every image when the model lists no
+    calibration images (good-only calibration on held-out training images, or an export without the list)."""
+    calibration = getattr(config, "calibration", None) or {}
+    images = calibration.get("images") or []
+    if not images:
+        return lambda path: None
+    root = PurePosixPath(str((calibration.get("dataset") or {}).get("name") or "")).name
+    listed = {(root, *PurePosixPath(image).parts) if root else PurePosixPath(image).parts for image in images}
+    lengths = sorted({len(parts) for parts in listed})
+
+    def is_calibration(path: str) -> bool:
+        parts = Path(path).resolve().parts
+        return any(parts[-length:] in listed for length in lengths)
+
+    return is_calibration
+
+
+def plural(count: int, noun: str) -> str:
+    """"1 heatmap", "2 heatmaps"."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def output_names(paths: list[str]) -> list[str]:
@@ -94,7 +122,7 @@ def predict_images(
     ```python
     from padim_hf import predict_images
     rows = predict_images("models/bottle", ["images/", "part.png"], "predictions/")
-    rows[0]  # {"path": ..., "score": ..., "normalized_score": ..., "label": "normal" | "anomalous" | None, "heatmap": ...}
+    rows[0]  # {"path", "score", "normalized_score", "label": "normal" | "anomalous" | None, "heatmap", "calibration_image"}
     predict_images("models/bottle", ["images/"], "predictions-ov/", engine="openvino")   # after export_model
     ```
     """
@@ -105,6 +133,7 @@ def predict_images(
     score_batch, processor, config = load_engine(str(model), engine, cpu, precision)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    is_calibration = calibration_marker(config)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(processor, with_images=True))
     try:
         for batch in tqdm(loader, unit="batch", desc="predict"):
@@ -123,10 +152,12 @@ def predict_images(
                     "normalized_score": None if normalized is None else float(normalized),
                     "label": None if config.image_threshold is None else ("anomalous" if score >= config.image_threshold else "normal"),
                     "heatmap": str(heatmap),
+                    # True: the thresholds were set on this image (see calibration_marker), not a test result
+                    "calibration_image": is_calibration(path),
                 })
     except KeyboardInterrupt as interruption:
         raise InterruptedAfterWriting(
-            f"{len(rows)} of {len(names)} heatmaps were written to {output_dir} before the interruption; "
+            f"{len(rows)} of {plural(len(names), 'heatmap')} were written to {output_dir} before the interruption; "
             "predictions.json/.csv were not written"
         ) from interruption
     (output_dir / "predictions.json").write_text(json.dumps(rows, indent=2))
@@ -173,10 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     add_predict_arguments(parser)
     args = parser.parse_args(argv)
     rows = predict(args)
-    print(f"{len(rows)} heatmaps and predictions.json/.csv in {args.output_dir}")
+    print(f"{plural(len(rows), 'heatmap')} and predictions.json/.csv in {args.output_dir}")
     if rows and rows[0]["label"] is not None:
         flagged = sum(row["label"] == "anomalous" for row in rows)
-        print(f"{flagged} of {len(rows)} images flagged as anomalous")
+        print(f"{flagged} of {plural(len(rows), 'image')} flagged as anomalous")
+        calibration = sum(row["calibration_image"] is True for row in rows)
+        if calibration:
+            print(f"{plural(calibration, 'image')} set the thresholds (calibration_image in predictions.csv): "
+                  "their verdicts are not test results")
     else:
         print("no verdicts: the model has no threshold (padim-hf calibrate --model M --good-images DIR sets one)")
 

@@ -8,6 +8,7 @@ factory PC needs only `pip install numpy pillow onnxruntime` (or `openvino`):
     result = detector.predict("part.png")[0]           # score, normalized_score, label, anomaly_map, mask
 """
 
+import importlib
 import json
 from pathlib import Path
 
@@ -54,6 +55,19 @@ def open_image(image) -> PIL.Image.Image:
         raise ValueError(f"cannot read image {image}: {error}") from error
 
 
+def import_engine(name: str):
+    """The engine's Python package, or an error saying how to install it (here and with padim_hf)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:
+            raise
+        raise ModuleNotFoundError(
+            f"the {name} engine is not installed: pip install {name}  (with padim_hf: pip install \"padim-hf[export]\")",
+            name=name,
+        ) from error
+
+
 class PadimRuntime:
     """An exported PaDiM model (ONNX or OpenVINO folder) with the pre- and post-processing of `padim_export.json`.
 
@@ -80,13 +94,11 @@ class PadimRuntime:
         self.precision = precision
         self.output_names = list(self.config["outputs"])
         if engine == "onnxruntime":
-            import onnxruntime
-
+            onnxruntime = import_engine("onnxruntime")
             path = self._require("model.onnx")
             self._session = onnxruntime.InferenceSession(str(path), providers=device or ["CPUExecutionProvider"])
         else:
-            import openvino
-
+            openvino = import_engine("openvino")
             path = self._require("model.xml")
             core, device = openvino.Core(), device or "CPU"
             if precision == "bfloat16" and "BF16" not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):

