@@ -246,6 +246,7 @@ def test_non_square_exports_match_pytorch(cookie_model, cookie_test_images, engi
         assert item["score"] == pytest.approx(score, rel=0.03)
 
 
+@pytest.mark.slow  # imports the Gradio app (~20-35 s here)
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
 def test_space_shows_a_non_square_model_at_the_image_size(cookie_model, cookie_test_images, engine):
     app = load_module(SPACE_DIR / "app.py", "padim_space_app_resolution")
@@ -281,6 +282,7 @@ def test_sweep_fits_and_evaluates_every_size_and_resumes(tmp_path, monkeypatch, 
     assert again.rows[0]["pixel_auroc"] == result.rows[2]["pixel_auroc"]
 
 
+@pytest.mark.slow  # a spawned process imports torch and padim_hf again (~15-30 s here)
 def test_sweep_command_runs_each_size_in_its_own_process(tmp_path, capsys):
     from padim_hf.demo import make_demo_dataset
 
