@@ -127,7 +127,7 @@ def test_cli_under_accelerate_launch_multi_gpu_on_cpus_runs_two_cooperating_proc
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "padim_hf.fit",
         "--data", str(data["folder"]), "--output-dir", str(output), "--config", "padim-lite0-offline",
-        "--backbone-weights", str(data["weights"]), "--batch-size", "2",
+        "--backbone-weights", str(data["weights"]), "--batch-size", "2", "--verbose",  # per-process lines are INFO
         *[f"--{k.replace('_', '-')}={v}" for k, v in CONFIG.items() if k not in ("backbone", "layers")],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
