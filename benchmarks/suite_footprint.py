@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,17 @@ def tree_memory(root: psutil.Process) -> tuple[int, int]:
     return rss, pss
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent on anything but idling since boot (all cores together)."""
+    times = psutil.cpu_times()  # (guest time is already inside user time; steal is other virtual machines')
+    return times.user + times.nice + times.system + times.irq + times.softirq
+
+
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def top_tests(peaks: dict[str, list[int]], index: int, count: int) -> list[dict]:
     """The `count` tests with the largest tree peak of measure `index` (0: RSS, 1: PSS), in GiB; the PSS at the
     test's first sample tells what earlier tests' fixtures still held from what the test itself added."""
@@ -82,6 +94,8 @@ def main() -> None:
     env["PYTEST_PLUGINS"] = ",".join(filter(None, [env.get("PYTEST_PLUGINS"), "suite_footprint"]))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
 
+    load_at_start = [round(value, 2) for value in psutil.getloadavg()]
+    busy_at_start = busy_cpu_seconds()
     started = time.perf_counter()
     child = subprocess.Popen(command, env=env)
     root = psutil.Process(child.pid)
@@ -95,6 +109,10 @@ def main() -> None:
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(args.interval)
     current_test.unlink()
+    # The command's processes, once reaped (pytest waits for the ones it starts), count as this script's children;
+    # what the machine did besides them and this sampler was other jobs' work, which slows the command down.
+    tree_cpu, sampler_cpu = cpu_seconds(resource.RUSAGE_CHILDREN), cpu_seconds(resource.RUSAGE_SELF)
+    other_cpu = busy_cpu_seconds() - busy_at_start - tree_cpu - sampler_cpu
 
     result = {
         "command": command,
@@ -106,6 +124,8 @@ def main() -> None:
         "top_tests_by_pss": top_tests(per_test, 1, args.top),
         "top_tests_by_rss": top_tests(per_test, 0, args.top),
         "machine": f"{platform.node()} {psutil.cpu_count()} CPUs {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "cpu_seconds": {"command": round(tree_cpu), "sampler": round(sampler_cpu), "other_jobs": round(other_cpu)},
+        "load_average_at_start": load_at_start,  # 1, 5, 15 min: other jobs on the machine slow the run down
         "load_average_at_end": [round(value, 2) for value in psutil.getloadavg()],
     }
     print(json.dumps(result, indent=2), file=sys.stderr)
