@@ -7,13 +7,16 @@ Every `--interval` seconds it samples two sums over the command and all its desc
 - summed RSS: resident pages, counted once per process that maps them (torch's libraries, shared by every
   Python process of the tree, count once per process), so an upper bound;
 - summed PSS (proportional set size, from /proc/PID/smaps_rollup): each shared page is split between the
-  processes mapping it, so the sum is what the tree itself holds in RAM. This is the figure the project's
-  "peak memory" means. (The machine's cgroup is shared with other jobs, so its counters cannot isolate the tree.)
+  processes mapping it, so the sum is what the tree holds in RAM (a little less where it shares library pages
+  with processes outside it). This is the figure the project's "peak memory" means. The machine's memory
+  cgroup (v1 here) holds other jobs and the page cache too, so its counters cannot isolate the tree.
 
 A peak shorter than one interval can be missed. When the command is pytest, a plugin defined in this file
 (loaded through PYTEST_PLUGINS) writes the running test's id to a file, and the report names the tests during
-which each sum peaked. Run it under `flock /work/coord/heavy.lock` on the project's machine: other jobs on the
-same cores make the wall time noisy, not the memory.
+which each sum peaked (a fixture counts toward the test that first asks for it; the PSS at a test's first sample
+shows what earlier tests' fixtures still hold). Reading PSS costs the sampler some CPU, which it reports, with
+the CPU seconds the machine spent on other jobs meanwhile. Run it under `flock /work/coord/heavy.lock` on the
+project's machine: other jobs on the same cores make the wall time noisy, not the memory.
 """
 
 import argparse
