@@ -23,10 +23,10 @@ from .configuration_padim import PadimConfig
 from .extras import require
 from .gaussian import LowerBlockRows
 from .modeling_padim import PadimModel, gaussian_blur_separable, nearest_source_indices
+from .options import FORMATS
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "openvino")
 EXPORT_CONFIG = "padim_export.json"
 # The torch-free runtime (padim_hf/runtime.py) travels with every export under this name; the image processor's
 # settings too, in transformers' format, for padim_hf's own tools (predict --engine).
@@ -341,19 +341,8 @@ def _require_fitted(model: PadimModel) -> None:
         raise RuntimeError("this PaDiM model is not fitted: fit it (or load a fitted checkpoint) before exporting")
 
 
-EXPORT_DESCRIPTION = """Export a fitted model (folder or Hub repo) to ONNX or OpenVINO IR, with its pre-processing settings
-(padim_export.json) and padim_runtime.py, a runtime that needs numpy, Pillow and the engine but no PyTorch.
-Run it with padim-hf predict --engine onnxruntime|openvino. Needs the export extra: pip install "padim-hf[export]"."""
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="padim-hf export", description=EXPORT_DESCRIPTION, formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="fitted model directory or Hub repo id")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime) or openvino (OpenVINO IR)")
-    parser.add_argument("--output-dir", required=True, type=Path, help="folder for the exported files (new files only)")
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> None:
+    """`padim-hf export` once its options are parsed (padim_hf.commands): `export`, then the files written printed."""
     written = export(args.model, args.output_dir, args.format)
     print(f"exported {args.model} to {args.format}: " + ", ".join(str(path) for path in written))
 
