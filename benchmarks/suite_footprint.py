@@ -56,6 +56,14 @@ def tree_memory(root: psutil.Process) -> tuple[int, int]:
     return rss, pss
 
 
+def git_commit() -> str:
+    """The checkout's commit, with "+changes" when the working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds the whole machine has spent on anything but idling since boot (all cores together)."""
     times = psutil.cpu_times()  # (guest time is already inside user time; steal is other virtual machines')
@@ -118,6 +126,8 @@ def main() -> None:
     other_cpu = busy_cpu_seconds() - busy_at_start - tree_cpu - sampler_cpu
 
     result = {
+        "invocation": " ".join([f"CI={os.environ['CI']}"] * ("CI" in os.environ) + [os.path.relpath(sys.executable), *sys.argv]),
+        "commit": git_commit(),
         "command": command,
         "returncode": child.returncode,
         "wall_seconds": round(time.perf_counter() - started, 1),
