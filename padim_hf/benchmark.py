@@ -20,10 +20,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .data import is_mvtec_folder, load_split
-from .evaluate import PROTOCOLS, evaluate_padim, record_evaluation
+from .evaluate import evaluate_padim, record_evaluation
 from .fit import (
-    CONFIG_FIELDS,
-    add_config_override_arguments,
     build_model,
     fit_padim,
     make_accelerator,
@@ -31,6 +29,7 @@ from .fit import (
     save_fitted,
     training_split,
 )
+from .options import CONFIG_FIELDS, PROTOCOLS
 
 COLUMNS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max", "fit_seconds", "images_per_second")
 HEADERS = {
@@ -233,38 +232,8 @@ def run_benchmark(
     return BenchmarkResult(rows, mean, output_dir)
 
 
-def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, type=Path, help="root folder holding one MVTec-style folder per category")
-    parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
-    parser.add_argument("--output-dir", required=True, type=Path, help="models, per-category results and tables go here")
-    parser.add_argument("--categories", nargs="+", help="only these categories (default: every category folder)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="model", help="pixel-metric protocol (see padim-hf evaluate --help)")
-    parser.add_argument(
-        "--calibration-fraction", type=float,
-        help="per category, this fraction of the test split (stratified, seed 0) chooses thresholds and is left out of the metrics",
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    parser.add_argument("--num-workers", type=int, default=0, help="extra processes decoding images")
-    parser.add_argument("--backbone-weights", help="'hub', 'lite0-offline' or a .safetensors file (default: the preset's)")
-    parser.add_argument("--allow-random-backbone", action="store_true", help="fit on random backbone weights (tests only)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    add_config_override_arguments(parser)
-    parser.add_argument("--push-to-hub", metavar="ORG", help="push each model as ORG/padim-<preset>-<category>")
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repos private")
-    parser.add_argument("--token", help="Hub write token (default: HF_TOKEN or `hf auth login`)")
-
-
-BENCHMARK_DESCRIPTION = """Fit and evaluate every category folder of an MVTec-style root with one preset: a model per category
-in OUTPUT_DIR/<category>/model and a results table (results.md, .csv, .json). Finished categories are
-skipped, so an interrupted run resumes where it stopped."""
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="padim-hf benchmark", description=BENCHMARK_DESCRIPTION, formatter_class=HelpFormatter)
-    add_benchmark_arguments(parser)
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> None:
+    """`padim-hf benchmark` once its options are parsed (padim_hf.commands): `run_benchmark`, then its table printed."""
     result = run_benchmark(
         args.data, args.config, args.output_dir, categories=args.categories,
         overrides={name: getattr(args, name) for name in CONFIG_FIELDS}, backbone_weights=args.backbone_weights,

@@ -35,12 +35,12 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .options import DEFAULT_FALSE_ALARM_RATE, DEFAULT_HOLDOUT_FRACTION
+
 logger = logging.getLogger(__name__)
 
 GOOD_ONLY = "good-only quantile"
 LABELLED_F1 = "labelled F1"
-DEFAULT_FALSE_ALARM_RATE = 0.01
-DEFAULT_HOLDOUT_FRACTION = 0.1
 # At least this many held-out images, and at least as many images left for the Gaussian they are scored against.
 MIN_HOLDOUT_IMAGES = 5
 # At most this many held-out images are kept in memory (as pixel values) until the Gaussian of the others is ready;
@@ -351,31 +351,8 @@ def calibrate(
 # padim-hf calibrate
 
 
-def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="local model directory (its config.json is rewritten)")
-    parser.add_argument(
-        "--false-alarm-rate", type=float,
-        help="target share of good parts flagged as defective (default: the model's current target, else 0.01)",
-    )
-    parser.add_argument(
-        "--good-images", nargs="+",
-        help="folders or files of good images to score instead of the held-out scores stored with the model",
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    parser.add_argument("--cpu", action="store_true", help="score on the CPU even if a GPU is present")
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(
-        prog="padim-hf calibrate",
-        formatter_class=HelpFormatter,
-        description="Set a fitted model's thresholds at a chosen false-alarm rate from good images alone "
-        "(rewrites config.json atomically; nothing else changes).",
-    )
-    add_calibrate_arguments(parser)
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> None:
+    """`padim-hf calibrate` once its options are parsed (padim_hf.commands): `calibrate`, then config.json rewritten."""
     from .evaluate import load_fitted, update_config_file
 
     if not args.model.is_dir():

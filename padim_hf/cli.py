@@ -1,6 +1,8 @@
-"""`padim-hf`: the command line. Each command parses its options and calls the Python API (see `padim_hf`).
+"""`padim-hf`: the command line. It parses a command's options (defined in `padim_hf.commands`), then imports the
+command's module, whose `main(args)` calls the Python API (see `padim_hf`).
 
-Nothing heavy is imported until a command runs, so `padim-hf` and `padim-hf --help` answer at once.
+Nothing heavy is imported until the options are parsed, so `padim-hf --help`, `padim-hf COMMAND --help` and a
+mistyped option answer at once.
 """
 
 import argparse
@@ -10,9 +12,10 @@ import os
 import re
 import sys
 
+from .commands import command_parser
 from .extras import MissingDependencyError
 
-# Command -> ("module:function" taking the command's arguments, one line for the command list). In the order a user needs them.
+# Command -> ("module:function" taking the parsed `argparse.Namespace`, one line for the command list). In the order a user needs them.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("padim_hf.demo:main", "make a small synthetic dataset, then fit, evaluate and predict on it (no download)"),
     "fit": ("padim_hf.fit:main", "fit a model on good images (a folder or a Hub dataset) and save it"),
@@ -32,21 +35,9 @@ INTERRUPTED = {
 PYTHON_OPTION = re.compile(r"`(\w+)=(True|\.\.\.|'[^'`]*')`")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every command's help: descriptions as written, and each option's default after its help text whenever it
-    has one worth showing (not for switches, and not where the text already says what happens without it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if "default" in text or default is None or default is False or default == [] or default == argparse.SUPPRESS:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: what padim-hf does, the command list (one line each) and the options every command
-    takes. Commands parse their own options (`padim-hf COMMAND --help`)."""
+    takes. Each command's options are in `padim_hf.commands` (`padim-hf COMMAND --help`)."""
     width = max(len(name) for name in COMMANDS) + 2
     listing = "\n".join(f"  {name.ljust(width)}{summary}" for name, (_, summary) in COMMANDS.items())
     parser = argparse.ArgumentParser(
@@ -62,22 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def push_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="padim-hf push",
-        description="Upload a model folder to the Hugging Face Hub in one commit: config, weights, image processor,\n"
-        "the code that `trust_remote_code=True` users need, and a model card with the evaluation metrics.\n"
-        "Other files in the folder stay on your machine. The token comes from HF_TOKEN or `hf auth login`.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("model_dir", help="the model folder written by fit (or evaluate)")
-    parser.add_argument("repo_id", help="Hub repository, e.g. my-org/padim-bottle (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repository private (when it is new)")
-    parser.add_argument("--revision", help="branch to push to (created if missing; default: main)")
-    parser.add_argument("--token", help="Hub write token (default: HF_TOKEN or `hf auth login`)")
-    parser.add_argument("--export", nargs="+", choices=("onnx", "openvino"), default=[],
-                        help="also export to these formats and upload them to onnx/ and openvino/ in the same commit")
-    args = parser.parse_args(argv)
+def push_main(args: argparse.Namespace) -> None:
+    """`padim-hf push` once its options are parsed: `push_model`, then the repository's address printed."""
     from .hub import push_model
 
     print(push_model(args.model_dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
@@ -141,11 +118,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(0)
     command = argv[0]
+    # Parsed before anything heavy is imported: --help and a mistyped option answer at once.
+    args = command_parser(command).parse_args(argv[1:])
     configure_logging(verbose)
     module, function = COMMANDS[command][0].split(":")
     run = getattr(importlib.import_module(module), function)
     try:
-        run(argv[1:])
+        run(args)
     except KeyboardInterrupt as interruption:
         if debug:
             raise

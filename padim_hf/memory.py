@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .configuration_padim import PadimConfig, format_size
+from .options import parse_memory  # noqa: F401  (padim_hf.memory.parse_memory, as before)
 from .gaussian import FINALISE_CHUNK, LowerBlockRows
 
 GIB = 2**30
@@ -222,21 +223,6 @@ def check_fit_memory(
             "machine with more memory"
         )
     return need
-
-
-def parse_memory(text: str) -> int:
-    """'8GB', '8 GiB', '512MB', '2e9' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    cleaned = str(text).strip().lower().replace(" ", "")
-    number = cleaned.rstrip("kmgtib")
-    unit = cleaned[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in units or value <= 0:
-        raise ValueError(f"expected a memory size such as 8GB, 512MiB or 2e9 (bytes), got {text!r}")
-    return int(value * units[unit])
 
 
 __all__ = [

@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from .data import Collator, image_list
 from .evaluate import load_fitted
 from .files import InterruptedAfterWriting, check_new_files
+from .options import ENGINES
 from .postprocess import normalized_score, overlay_heatmap
 
-ENGINES = ("torch", "onnxruntime", "openvino")
 
 
 def load_engine(
@@ -168,22 +168,6 @@ def predict_images(
     return rows
 
 
-def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory or Hub repo id")
-    parser.add_argument("inputs", nargs="+", help="image files or folders")
-    parser.add_argument(
-        "--output-dir", required=True, type=Path,
-        help="folder for heatmaps and predictions.json/.csv; predict refuses to replace any existing file there",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    parser.add_argument("--engine", choices=ENGINES, default="torch",
-                        help="torch: the model itself; onnxruntime / openvino: its export (see padim-hf export)")
-    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
-                        help="bfloat16: --engine openvino on CPUs with bfloat16 units, ~2x faster; scores move by up "
-                        "to ~2%%, maps by up to ~6%% of their maximum")
-
-
 def predict(args: argparse.Namespace) -> list[dict]:
     """`padim-hf predict`: `predict_images` with the parsed arguments."""
     return predict_images(
@@ -192,17 +176,8 @@ def predict(args: argparse.Namespace) -> list[dict]:
     )
 
 
-PREDICT_DESCRIPTION = """Score images with a fitted model. Writes, into --output-dir, a heatmap overlay per image at the
-image's own size and predictions.csv / predictions.json (score, normalised score, label when the model
-is calibrated). Never replaces an existing file: it refuses before doing any work."""
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="padim-hf predict", description=PREDICT_DESCRIPTION, formatter_class=HelpFormatter)
-    add_predict_arguments(parser)
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> None:
+    """`padim-hf predict` once its options are parsed (padim_hf.commands): `predict_images`, then a summary printed."""
     rows = predict(args)
     print(f"{plural(len(rows), 'heatmap')} and predictions.json/.csv in {args.output_dir}")
     if rows and rows[0]["label"] is not None:

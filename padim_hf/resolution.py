@@ -6,7 +6,6 @@ of 384 x 384), each side a multiple of the grid's stride (4 for the presets' bac
 share one aspect ratio; `auto` refuses a set that does not, naming the sizes and files.
 """
 
-import argparse
 import io
 import logging
 import math
@@ -18,42 +17,16 @@ import timm
 import torch
 
 from .configuration_padim import format_size, height_width
+from .options import AUTO, parse_image_size, parse_size
 
 logger = logging.getLogger(__name__)
 
-AUTO = "auto"
 # Two image sizes "share" an aspect ratio when their width/height ratios differ by less than this (rounding of a
 # camera's crop, e.g. 1130 x 460 and 1128 x 459).
 ASPECT_TOLERANCE = 0.01
 # A model whose input aspect ratio differs from the training images' by more than this squashes them: warned.
 SQUASH_WARNING = 0.10
 ORIENTATION = 0x0112  # EXIF tag; values 5-8 rotate by 90 degrees (width and height swap)
-
-
-def parse_size(text: str) -> int | list[int]:
-    """`"256"` -> 256 (a square), `"256x192"` -> [256, 192] (HEIGHTxWIDTH). argparse type for --crop-size."""
-    parts = str(text).lower().replace(" ", "").split("x")
-    try:
-        sides = [int(part) for part in parts]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2) or min(sides, default=0) < 1:
-        raise argparse.ArgumentTypeError(f"expected a size such as 256 or 256x192 (HEIGHTxWIDTH), got {text!r}")
-    return sides[0] if len(sides) == 1 else sides
-
-
-def parse_image_size(text: str) -> int | list[int] | str:
-    """argparse type for --image-size: a size (`parse_size`), `auto` or `auto:SIDE` (kept as text, resolved from the
-    training images by `resolve_image_size`)."""
-    lowered = str(text).lower()
-    if lowered == AUTO:
-        return AUTO
-    if lowered.startswith(AUTO + ":"):
-        side = parse_size(lowered.split(":", 1)[1])
-        if not isinstance(side, int):
-            raise argparse.ArgumentTypeError(f"auto:SIDE takes one side (the pixel count of SIDE x SIDE), got {text!r}")
-        return f"{AUTO}:{side}"
-    return parse_size(text)
 
 
 def is_auto(size) -> bool:

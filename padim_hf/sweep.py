@@ -27,10 +27,11 @@ import psutil
 from .benchmark import write_json_atomically
 from .configuration_padim import format_size, height_width
 from .data import load_split
-from .evaluate import PROTOCOLS, evaluate_padim, record_evaluation
-from .fit import CONFIG_FIELDS, add_config_override_arguments, build_config, build_model, fit_padim, make_accelerator, save_fitted, training_split
+from .evaluate import evaluate_padim, record_evaluation
+from .fit import build_config, build_model, fit_padim, make_accelerator, save_fitted, training_split
 from .memory import GIB, estimate_fit_memory
-from .resolution import ASPECT_TOLERANCE, common_aspect, is_auto, parse_image_size, resolve_image_size, training_image_sizes
+from .options import CONFIG_FIELDS, PROTOCOLS
+from .resolution import ASPECT_TOLERANCE, common_aspect, is_auto, resolve_image_size, training_image_sizes
 
 RESULT_FILE = "result.json"
 COLUMNS = (
@@ -230,27 +231,8 @@ def _held_out(train) -> int:
     return holdout_size(len(train), DEFAULT_HOLDOUT_FRACTION)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(prog="padim-hf sweep", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--data", required=True, type=Path, help="one product's MVTec-style folder (train/good, test, ground_truth)")
-    parser.add_argument(
-        "--image-size", required=True, nargs="+", type=parse_image_size, metavar="SIZE",
-        help="sizes to compare: SIDE (a square), HEIGHTxWIDTH, 'auto' (the training images' aspect ratio at the "
-        "preset's pixel count) or 'auto:SIDE' (at SIDE x SIDE pixels), e.g. 256 auto:256 512 auto:512",
-    )
-    parser.add_argument("--config", default="padim-lite0-offline", help="preset name (configs/*.yaml) or YAML file")
-    parser.add_argument("--output-dir", required=True, type=Path, help="models, per-size results and the tables go here")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="original",
-                        help="pixel metrics at each image's own size (original, fair across sizes) or at the model's ")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    parser.add_argument("--backbone-weights", help="'hub', 'lite0-offline' or a .safetensors file (default: the preset's)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if an accelerator is present")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every size in this process (default: a fresh process per size, so each peak RSS is its own)")
-    add_config_override_arguments(parser, exclude=("image_size",))
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> None:
+    """`padim-hf sweep` once its options are parsed (padim_hf.commands): `run_sweep`, then its table printed."""
     result = run_sweep(
         args.data, args.image_size, args.config, args.output_dir,
         overrides={name: getattr(args, name) for name in CONFIG_FIELDS if name != "image_size"},
@@ -260,5 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     print(result.markdown)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m padim_hf.sweep`: the command line's logging and errors
+    import sys
+
+    from padim_hf.cli import main as command_line
+
+    command_line(["sweep", *sys.argv[1:]])

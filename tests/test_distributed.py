@@ -175,7 +175,7 @@ def test_every_command_releases_the_process_group_it_made(tmp_path, monkeypatch,
 
     from padim_hf import cli
 
-    def command(argv: list[str]) -> None:
+    def command(args) -> None:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         if fails:
             raise ValueError("a bad value")

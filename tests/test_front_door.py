@@ -12,13 +12,14 @@ import PIL.Image
 import pytest
 
 import padim_hf
-from padim_hf import cli
+from padim_hf import cli, commands
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The functions a user calls; each docstring shows a runnable example.
 API_FUNCTIONS = ["build_model", "fit_padim", "save_fitted", "training_split", "calibrate", "load_split", "load_fitted",
                  "evaluate_padim", "save_evaluation", "predict_images", "export_model", "push", "register"]
-HEAVY_MODULES = ("torch", "transformers", "timm", "datasets", "accelerate")
+# What makes a command line answer in seconds instead of at once (measured latencies are in README.md, not asserted).
+HEAVY_MODULES = ("torch", "transformers", "timm", "datasets", "accelerate", "gradio", "onnx", "openvino")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -54,6 +55,41 @@ def test_unknown_command_is_an_error_naming_the_commands(capsys):
         cli.main(["fitt"])
     assert exit.value.code == 2
     assert "unknown command 'fitt'" in capsys.readouterr().err
+
+
+def test_every_command_help_and_option_error_import_no_heavy_library(monkeypatch):
+    """`padim-hf COMMAND --help`, then a mistyped option, for every command: argparse's answer (exit 0 with the
+    command's options listed; exit 2 naming the command) comes before the command's module, which imports torch,
+    is imported (padim_hf.commands defines the options). One interpreter per command, so one command's imports
+    cannot hide another's."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from padim_hf.cli import main\n"
+        "for argv in (['--help'], ['--no-such-option']):\n"
+        "    out, err = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "        try:\n"
+        "            main([sys.argv[1], *argv])\n"
+        "            code = 'returned'\n"
+        "        except SystemExit as exit:\n"
+        "            code = exit.code\n"
+        f"    heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]\n"
+        "    print(json.dumps({'code': code, 'heavy': heavy, 'out': out.getvalue(), 'err': err.getvalue()}))\n"
+    )
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps the help at this width, here and in the subprocess
+    for command in cli.COMMANDS:
+        completed = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, timeout=120,
+                                   cwd=REPO_ROOT)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        help_run, error_run = map(json.loads, completed.stdout.splitlines())
+        assert (help_run["code"], help_run["heavy"]) == (0, []), (command, help_run)
+        assert (error_run["code"], error_run["heavy"]) == (2, []), (command, error_run)
+        parser = commands.command_parser(command)
+        assert help_run["out"] == parser.format_help()  # the command's description, every option and its help
+        assert help_run["out"].startswith(f"usage: padim-hf {command} ")
+        for action in parser._actions:
+            assert (action.option_strings or [action.dest])[0] in help_run["out"], (command, action)
+        assert f"padim-hf {command}: error:" in error_run["err"], (command, error_run["err"])
 
 
 def command_parser(command: str, monkeypatch) -> argparse.ArgumentParser:
