@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from padim_hf import PadimConfig, PadimImageProcessor, PadimModel
 from padim_hf.export import export_openvino
 from padim_hf.image_processing_padim import load_image
-from padim_hf.runtime import PadimRuntime
+from padim_hf.runtime import FLOAT32_MARKS, PadimRuntime
 from padim_hf.weights import export_lite0_weights
 
 MODELS = {  # name: (config, train images); the first is tests/test_export.py's hazelnut model
@@ -37,13 +37,15 @@ def relative(result: np.ndarray, reference: np.ndarray) -> float:
 
 
 def backbone_only_bfloat16(folder: Path, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
-    """The export's outputs with only the backbone in bfloat16: the other operations are marked `precise` (OpenVINO's
-    DisablePrecisionConversion; it takes effect once the model is saved and read back)."""
+    """The export's outputs with only the backbone in bfloat16: the export marks every operation `precise` (OpenVINO's
+    DisablePrecisionConversion), so the backbone's marks are removed and the others kept."""
     core = openvino.Core()
     graph = core.read_model(str(folder / "model.xml"))
     for op in graph.get_ops():
-        if not op.get_friendly_name().startswith("/backbone/"):
-            op.get_rt_info()["precise_0"] = ""
+        info = op.get_rt_info()
+        for mark in FLOAT32_MARKS if op.get_friendly_name().startswith("/backbone/") else ():
+            if mark in info:
+                del info[mark]
     openvino.save_model(graph, str(folder / "marked.xml"), compress_to_fp16=False)
     compiled = core.compile_model(str(folder / "marked.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
     results = compiled({"pixel_values": pixel_values})

@@ -95,6 +95,15 @@ def configure_logging(verbose: bool) -> None:
         transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
 
 
+def release_process_group() -> None:
+    """Destroys torch.distributed's default group if the command made one (a fit under torchrun or accelerate
+    launch). A process that exits with a gloo group alive can abort in the group's destructor after its work is done
+    ("terminate called without an active exception", exit -6, pytorch/pytorch#179291), failing the whole launch."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --verbose/--debug may come anywhere (`padim-hf fit ... --debug`): they are taken out before the command parses.
@@ -128,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"padim-hf {command}: error: {as_command_line(str(error))}  (--debug shows the traceback)", file=sys.stderr)
         sys.exit(1)
+    finally:
+        release_process_group()
 
 
 if __name__ == "__main__":

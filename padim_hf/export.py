@@ -16,13 +16,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configuration_padim import PadimConfig
 from .extras import require
 from .gaussian import LowerBlockRows
-from .modeling_padim import PadimModel, gaussian_blur_separable, nearest_source_indices
+from .modeling_padim import PadimModel, nearest_source_indices, upsample_blur_matrix
 from .options import FORMATS
 
 logger = logging.getLogger(__name__)
@@ -44,7 +43,8 @@ class ExportablePadim(nn.Module):
 
     Channels are picked and upsampled with `index_select` (nearest upsampling is a gather of source rows/columns),
     which reproduces `PadimModel.embed` exactly; the Gaussian is the model's own `PadimGaussian` module (with its
-    factor in float32).
+    factor in float32); the map is upsampled and blurred by the model's own matrices (`upsample_blur_matrix`), fixed
+    for the model's input size.
     """
 
     def __init__(self, model: PadimModel):
@@ -64,7 +64,9 @@ class ExportablePadim(nn.Module):
             self.register_buffer(f"cols_{stage}", nearest_source_indices(shape[1], shapes[0][1], model.device), persistent=False)
             self.stages.append(stage)
             start += channels
-        self.kernel_size = 2 * int(4.0 * model.config.blur_sigma + 0.5) + 1
+        (grid_height, grid_width), sigma = shapes[0], model.config.blur_sigma
+        self.register_buffer("rows", upsample_blur_matrix(grid_height, height, sigma, model.device), persistent=False)
+        self.register_buffer("cols", upsample_blur_matrix(grid_width, width, sigma, model.device), persistent=False)
 
     def embed(self, pixel_values: Tensor) -> Tensor:
         """(B, C, h, w) embedding, equal to `PadimModel.embed`'s."""
@@ -77,10 +79,7 @@ class ExportablePadim(nn.Module):
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
         config = self.config
-        distances = self.gaussian(self.embed(pixel_values)).unsqueeze(1)
-        anomaly_map = F.interpolate(distances, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
-        if config.blur_sigma > 0:
-            anomaly_map = gaussian_blur_separable(anomaly_map, self.kernel_size, config.blur_sigma)
+        anomaly_map = (self.rows @ self.gaussian(self.embed(pixel_values)) @ self.cols.T).unsqueeze(1)
         pred_score = anomaly_map.amax(dim=(1, 2, 3))
         outputs = [anomaly_map, pred_score]
         if config.image_threshold is not None:
@@ -262,11 +261,13 @@ def export_onnx(model: PadimModel, output_dir: str | Path) -> list[Path]:
 def export_openvino(model: PadimModel, output_dir: str | Path) -> list[Path]:
     """Exports a fitted model to OpenVINO IR (`model.xml` + `model.bin`, float32 weights) and `padim_export.json`.
 
-    Converted from the ONNX graph (the same graph `export_onnx` writes). OpenVINO must compile it with
-    `INFERENCE_PRECISION_HINT=f32` (padim_export.json's `openvino_config`; `PadimRuntime` does): its CPU plugin
-    would otherwise run it in bfloat16 where the CPU has it. Refuses to overwrite existing files.
+    Converted from the ONNX graph (the same graph `export_onnx` writes), its shape arithmetic folded and every
+    operation marked to keep float32 (`keep_float32`), so that a plain `compile_model("model.xml")` runs it in float32
+    even where the CPU plugin would default to bfloat16. `PadimRuntime(precision="bfloat16")` removes the marks to ask
+    for bfloat16. Refuses to overwrite existing files.
     """
     ov = require("openvino")
+    from openvino._offline_transformations import apply_moc_transformations  # what optimum-intel uses too
 
     _require_fitted(model)
     output_dir = Path(output_dir)
@@ -276,12 +277,25 @@ def export_openvino(model: PadimModel, output_dir: str | Path) -> list[Path]:
         onnx_dir.mkdir()
         _trace_onnx(model, onnx_dir / ONNX_FILE)
         # compress_to_fp16=False: OpenVINO would otherwise store the Gaussian in float16 (distances off by ~1e-3).
-        ov.save_model(ov.convert_model(str(onnx_dir / ONNX_FILE)), str(staging / OPENVINO_FILES[0]), compress_to_fp16=False)
+        graph = ov.convert_model(str(onnx_dir / ONNX_FILE))
+        # Constant folding turns timm's "same" padding (computed from the input's shape) into fixed convolution pads;
+        # left to the CPU plugin, that fusion makes new convolutions, which drop the marks and run in bfloat16.
+        apply_moc_transformations(graph, cf=True)
+        keep_float32(graph)
+        ov.save_model(graph, str(staging / OPENVINO_FILES[0]), compress_to_fp16=False)
         shutil.rmtree(onnx_dir)
         _write_side_files(staging, model.config, list(OPENVINO_FILES))
         return _commit(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def keep_float32(graph) -> None:
+    """Marks every operation of an OpenVINO graph precise (OpenVINO's `precise_0` runtime attribute, saved in the IR
+    as `DisablePrecisionConversion`), which the CPU plugin honours under its bfloat16 default. An
+    `INFERENCE_PRECISION_HINT` stored in the IR's `rt_info` is not (openvino 2026.4)."""
+    for operation in graph.get_ops():
+        operation.get_rt_info()["precise_0"] = ""
 
 
 ENGINE_FOLDERS = {"onnxruntime": ("onnx", ONNX_FILE), "openvino": ("openvino", OPENVINO_FILES[0])}
@@ -347,4 +361,4 @@ def main(args: argparse.Namespace) -> None:
     print(f"exported {args.model} to {args.format}: " + ", ".join(str(path) for path in written))
 
 
-__all__ = ["ExportablePadim", "export", "export_onnx", "export_openvino", "resolve_export_folder"]
+__all__ = ["ExportablePadim", "export", "export_onnx", "export_openvino", "keep_float32", "resolve_export_folder"]

@@ -26,6 +26,19 @@ ENGINES = ("onnxruntime", "openvino")
 PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
 
 
+# The mark padim_hf's exports put on every OpenVINO operation so that a plain compile keeps float32, as read back.
+FLOAT32_MARKS = ("DisablePrecisionConversion_0", "precise_0")
+
+
+def allow_lower_precision(graph) -> None:
+    """Removes the float32 marks from an OpenVINO graph, so that a bfloat16 inference precision applies to it."""
+    for operation in graph.get_ops():
+        info = operation.get_rt_info()
+        for mark in FLOAT32_MARKS:
+            if mark in info:
+                del info[mark]
+
+
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """8-bit RGB: EXIF orientation applied, 16-bit scaled to 8 bits, alpha composited on white (as padim_hf does)."""
     image = PIL.ImageOps.exif_transpose(image)
@@ -105,8 +118,11 @@ class PadimRuntime:
                 raise RuntimeError(
                     f"OpenVINO's {device} device has no bfloat16 support on this machine: use precision='float32'"
                 )
+            graph = core.read_model(str(path))
+            if precision == "bfloat16":
+                allow_lower_precision(graph)
             config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
-            self._compiled = core.compile_model(str(path), device, config)
+            self._compiled = core.compile_model(graph, device, config)
             self._request = self._compiled.create_infer_request()
 
     def _require(self, name: str) -> Path:

@@ -66,4 +66,7 @@ def run(spec: dict) -> None:
 
 
 if __name__ == "__main__":
+    import torch.distributed
+
     run(json.loads(Path(sys.argv[1]).read_text()))
+    torch.distributed.destroy_process_group()  # as padim-hf does: exiting with a gloo group alive can abort (-6)

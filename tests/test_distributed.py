@@ -163,3 +163,32 @@ def test_three_processes_including_ones_that_get_no_image(data, tmp_path):
     assert_equals_one_process_fit(tmp_path / "two_rows", data["references"]["two"])
     assert_equals_one_process_fit(tmp_path / "two_paths", data["references"]["two"])
     assert_equals_one_process_fit(tmp_path / "main_empty", data["references"]["two"])
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_every_command_releases_the_process_group_it_made(tmp_path, monkeypatch, fails):
+    """A process that exits with a gloo group alive can abort after its work is done (exit -6: seen once in this
+    suite's 3-process fit, pytorch/pytorch#179291), so `padim-hf` destroys the group after every command."""
+    import types
+
+    import torch.distributed as dist
+
+    from padim_hf import cli
+
+    def command(args) -> None:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if fails:
+            raise ValueError("a bad value")
+
+    monkeypatch.setitem(sys.modules, "a_command_module", types.SimpleNamespace(run=command))
+    monkeypatch.setitem(cli.COMMANDS, "demo", ("a_command_module:run", "a command that joins a process group"))
+    try:
+        if fails:
+            with pytest.raises(SystemExit, match="1"):
+                cli.main(["demo"])
+        else:
+            cli.main(["demo"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -234,8 +234,10 @@ def test_a_separate_calibration_split_gives_the_thresholds(demo_data, demo_model
 def test_two_process_evaluation_equals_one_process(demo_data, demo_model, tmp_path):
     model_dir = tmp_path / "model"
     demo_model.save_pretrained(model_dir)
+    # Batches of one image: the backbone's convolutions round differently with the batch's size (~1e-5 of the map,
+    # measured) and one process cuts the images into other batches than two do; what must be exact is the merging.
     command = ["-m", "padim_hf.evaluate", "--model", str(model_dir), "--data", str(demo_data), "--cpu", "--json",
-               "--no-save", "--batch-size", "2", "--calibration-fraction", "0.4"]
+               "--no-save", "--batch-size", "1", "--calibration-fraction", "0.4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reports = []
     for launcher in ([], ["-m", "torch.distributed.run", "--nproc_per_node", "2"]):

@@ -221,6 +221,24 @@ def runtime_precisions(runtime: PadimRuntime) -> dict[str, set[str]]:
     return precisions
 
 
+def test_a_plain_openvino_compile_of_the_ir_keeps_float32(hazelnut_export):
+    """What a C++ application or OpenVINO Model Server does: `compile_model("model.xml")`, no property, no padim_hf.
+    Where the CPU has bfloat16 units the plugin's default precision is bfloat16, so float32 parity shows the IR's own
+    marks at work (unmarked, this model's maps were 5e-2 off)."""
+    openvino = pytest.importorskip("openvino")
+    core = openvino.Core()
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert core.get_property("CPU", "INFERENCE_PRECISION_HINT") == openvino.Type.bf16  # the default tested here
+    model_dir, _, pixel_values, reference = hazelnut_export
+    compiled = core.compile_model(str(model_dir / "openvino" / "model.xml"), "CPU")
+    outputs = compiled(pixel_values.numpy())
+    anomaly_map, pred_score = outputs[compiled.output("anomaly_map")], outputs[compiled.output("pred_score")]
+    assert relative_difference(anomaly_map, reference.anomaly_map.numpy()) <= PARITY
+    assert relative_difference(pred_score, reference.pred_score.numpy()) <= PARITY
+    precisions = {info["runtimePrecision"].astype(str) for info in (op.get_rt_info() for op in compiled.get_runtime_model().get_ops())}
+    assert "bf16" not in precisions
+
+
 def test_bfloat16_runs_the_openvino_export_in_bfloat16_within_measured_bounds(hazelnut_export):
     openvino = pytest.importorskip("openvino")
     if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):

@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from padim_hf import PadimConfig, PadimImageProcessor, PadimModel
 from padim_hf.image_processing_padim import load_image
-from padim_hf.modeling_padim import nearest_source_indices
+from padim_hf.modeling_padim import nearest_source_indices, upsample_blur_matrix
 from tests.conftest import small_lite0_config
 
 
@@ -107,6 +107,16 @@ def test_nearest_source_indices_match_torch_nearest_interpolation(in_size, out_s
     expected = F.interpolate(source, size=(out_size, 1), mode="nearest").flatten().long()
     assert nearest_source_indices(in_size, out_size, torch.device("cpu")).tolist() == expected.tolist()
 
+
+@pytest.mark.parametrize("sigma", [4.0, 0.0])
+def test_upsample_blur_matrices_equal_bilinear_upsampling_then_gaussian_blur(sigma):
+    maps = torch.rand(3, 1, 12, 20, generator=torch.Generator().manual_seed(0)) * 10
+    rows, cols = upsample_blur_matrix(12, 48, sigma), upsample_blur_matrix(20, 80, sigma)
+    assert rows.shape == (48, 12) and cols.shape == (80, 20)
+    expected = F.interpolate(maps, size=(48, 80), mode="bilinear", align_corners=False)
+    if sigma:
+        expected = gaussian_blur(expected, [33, 33], [sigma, sigma])
+    torch.testing.assert_close(rows @ maps @ cols.T, expected, rtol=1e-5, atol=1e-5)
 
 # float32 storage is limited by the float32 sums: 7 images give a rank-6 covariance + 0.01 I whose conditioning
 # turns their ~1e-7 rounding into ~1e-4 in the distances (patch-level 4e-4 before and after block-row sums).
