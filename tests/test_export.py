@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import padim_hf.export as export_module
 from padim_hf import PadimConfig, PadimImageProcessor, PadimModel
 from padim_hf.cli import main as cli_main
-import padim_hf.export as export_module
 from padim_hf.export import export, export_onnx
 from padim_hf.image_processing_padim import load_image
 from padim_hf.predict import predict_images
