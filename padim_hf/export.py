@@ -23,6 +23,7 @@ from .extras import require
 from .gaussian import LowerBlockRows
 from .modeling_padim import PadimModel, nearest_source_indices, upsample_blur_matrix
 from .options import FORMATS
+from .runtime import PRECISE_MARK
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ def keep_float32(graph) -> None:
     as `DisablePrecisionConversion`), which the CPU plugin honours under its bfloat16 default. An
     `INFERENCE_PRECISION_HINT` stored in the IR's `rt_info` is not (openvino 2026.4)."""
     for operation in graph.get_ops():
-        operation.get_rt_info()["precise_0"] = ""
+        operation.get_rt_info()[PRECISE_MARK] = ""
 
 
 ENGINE_FOLDERS = {"onnxruntime": ("onnx", ONNX_FILE), "openvino": ("openvino", OPENVINO_FILES[0])}

@@ -26,8 +26,10 @@ ENGINES = ("onnxruntime", "openvino")
 PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
 
 
-# The mark padim_hf's exports put on every OpenVINO operation so that a plain compile keeps float32, as read back.
-FLOAT32_MARKS = ("DisablePrecisionConversion_0", "precise_0")
+# The mark padim_hf's exports put on every OpenVINO operation so that a plain compile keeps float32 (set as
+# PRECISE_MARK; the IR saves it as DisablePrecisionConversion, the key it has once read back).
+PRECISE_MARK = "precise_0"
+FLOAT32_MARKS = ("DisablePrecisionConversion_0", PRECISE_MARK)
 
 
 def allow_lower_precision(graph) -> None:
